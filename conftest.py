@@ -1,0 +1,28 @@
+"""Shared test fixtures: a tiny random checkpoint with the bundled demo tokenizer."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from model import HiggsConfig, build_model, save_checkpoint
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_DATA = os.path.join(ROOT, "demo", "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """A saved tiny model (official layout) whose tokenizer is demo/tokenizer."""
+    path = str(tmp_path_factory.mktemp("tiny_ckpt"))
+    model = build_model(HiggsConfig.tiny(), seed=0)
+    with torch.no_grad():  # larger weights than the default init, so differences show
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_checkpoint(model, path)
+    tok_dir = os.path.join(ROOT, "demo", "tokenizer")
+    for name in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, name), path)
+    return path

@@ -1,0 +1,697 @@
+"""Hand-written Higgs-Audio v2 model: Llama-3 backbone with DualFFN layers, audio codebook
+embeddings, optional Whisper-style audio tower, text + multi-codebook audio heads.
+
+Module names mirror the official `boson_multimodal` checkpoint, so `state_dict()` keys are the
+official parameter names and a released checkpoint loads with `load_state_dict(assign=True)`.
+The transformers `higgs_audio_v2` layout is mapped onto the same names when loading.
+
+The forward takes an already-expanded batch from `collate.py` (every audio placeholder replaced by
+its audio positions) and returns the final normed hidden states; `loss.py` applies the heads only
+where a label exists.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class HiggsConfig:
+    # Llama backbone
+    vocab_size: int = 128256
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_layers: int = 28
+    num_heads: int = 24
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # llama3 rope scaling; None = plain RoPE
+    rope_scaling: dict | None = field(default_factory=lambda: dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192))
+    # audio adapter
+    audio_adapter_type: str = "dual_ffn_fast_forward"  # or "dual_ffn"
+    audio_dual_ffn_layers: list[int] | None = None  # None = every layer
+    audio_num_codebooks: int = 8
+    audio_codebook_size: int = 1024  # real codes; +2 rows for stream BOS/EOS
+    audio_stream_bos_id: int = 1024
+    audio_stream_eos_id: int = 1025
+    audio_embed_avg: bool = False
+    use_delay_pattern: bool = True
+    encode_audio_in_tokens: bool = True
+    encode_whisper_embed: bool = False
+    skip_audio_tower: bool = True
+    # special token ids (read from the checkpoint; tiny test vocabularies move them)
+    audio_in_token_id: int = 128015  # <|AUDIO|>
+    audio_out_token_id: int = 128016  # <|AUDIO_OUT|>
+    audio_out_bos_token_id: int = 128013  # <|audio_out_bos|>
+    audio_eos_token_id: int = 128012  # <|audio_eos|>
+    pad_token_id: int = 128001  # <|end_of_text|>
+    # Whisper-style audio tower (only built when skip_audio_tower is False)
+    whisper_d_model: int = 1280
+    whisper_layers: int = 32
+    whisper_heads: int = 20
+    whisper_ffn_dim: int = 5120
+    whisper_num_mel_bins: int = 128
+    whisper_max_source_positions: int = 1500
+
+    @property
+    def codebook_rows(self) -> int:
+        return self.audio_codebook_size + 2
+
+    @property
+    def has_audio_tower(self) -> bool:
+        return not self.skip_audio_tower
+
+    @property
+    def uses_whisper(self) -> bool:
+        return self.has_audio_tower and self.encode_whisper_embed
+
+    def layer_kind(self, i: int) -> str:
+        """'dual' (text + audio FFN), 'fast_forward' (audio positions skip the layer) or 'plain'."""
+        listed = self.audio_dual_ffn_layers is None or i in self.audio_dual_ffn_layers
+        if listed:
+            return "dual"
+        if self.audio_adapter_type == "dual_ffn_fast_forward":
+            return "fast_forward"
+        if self.audio_adapter_type == "dual_ffn":
+            return "plain"
+        raise ValueError(f"unsupported audio_adapter_type {self.audio_adapter_type!r} "
+                         "(supported: dual_ffn, dual_ffn_fast_forward)")
+
+    # -- presets --------------------------------------------------------------------------------
+    @classmethod
+    def released(cls) -> "HiggsConfig":
+        """The shape of bosonai/higgs-audio-v2-generation-3B-base."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 768, special_base: int = 512) -> "HiggsConfig":
+        """A few-hundred-kB model for tests and the demo; special ids mirror 128000+ at special_base."""
+        s = lambda official: special_base + official - 128000  # noqa: E731
+        return cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=3,
+                   num_heads=4, num_kv_heads=2, head_dim=16, audio_num_codebooks=8,
+                   audio_codebook_size=32, audio_stream_bos_id=32, audio_stream_eos_id=33,
+                   audio_in_token_id=s(128015), audio_out_token_id=s(128016),
+                   audio_out_bos_token_id=s(128013), audio_eos_token_id=s(128012),
+                   pad_token_id=s(128001))
+
+    # -- checkpoint configs -----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "HiggsConfig":
+        """Read an official (`higgs_audio`) or transformers (`higgs_audio_v2`) config.json."""
+        if d.get("model_type") == "higgs_audio_v2":
+            return cls._from_transformers(d)
+        if d.get("model_type") not in (None, "higgs_audio"):
+            raise ValueError(f"config.json has model_type {d.get('model_type')!r}; expected "
+                             "'higgs_audio' (official) or 'higgs_audio_v2' (transformers)")
+        t = d["text_config"]
+        enc = d.get("audio_encoder_config") or {}
+        n_layers = t["num_hidden_layers"]
+        layers = d.get("audio_dual_ffn_layers")
+        return cls(
+            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+            intermediate_size=t["intermediate_size"], num_layers=n_layers,
+            num_heads=t["num_attention_heads"],
+            num_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+            head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
+            rms_norm_eps=t.get("rms_norm_eps", 1e-5), rope_theta=t.get("rope_theta", 10000.0),
+            rope_scaling=_rope_scaling(t),
+            audio_adapter_type=d.get("audio_adapter_type", "dual_ffn_fast_forward"),
+            audio_dual_ffn_layers=None if layers is None or sorted(layers) == list(range(n_layers))
+            else list(layers),
+            audio_num_codebooks=d.get("audio_num_codebooks", 12),
+            audio_codebook_size=d.get("audio_codebook_size", 1024),
+            audio_stream_bos_id=d.get("audio_stream_bos_id", 1024),
+            audio_stream_eos_id=d.get("audio_stream_eos_id", 1025),
+            audio_embed_avg=d.get("audio_embed_avg", False),
+            use_delay_pattern=d.get("use_delay_pattern", False),
+            encode_audio_in_tokens=d.get("encode_audio_in_tokens", False),
+            encode_whisper_embed=d.get("encode_whisper_embed", True),
+            skip_audio_tower=d.get("skip_audio_tower", False),
+            audio_in_token_id=d.get("audio_in_token_idx", 128015),
+            audio_out_token_id=d.get("audio_out_token_idx", 128016),
+            audio_out_bos_token_id=d.get("audio_out_bos_token_id", 128013),
+            audio_eos_token_id=d.get("audio_eos_token_id", 128012),
+            pad_token_id=d.get("pad_token_id", 128001),
+            whisper_d_model=enc.get("d_model", 1280), whisper_layers=enc.get("encoder_layers", 32),
+            whisper_heads=enc.get("encoder_attention_heads", 20),
+            whisper_ffn_dim=enc.get("encoder_ffn_dim", 5120),
+            whisper_num_mel_bins=enc.get("num_mel_bins", 128),
+            whisper_max_source_positions=enc.get("max_source_positions", 1500),
+        )
+
+    @classmethod
+    def _from_transformers(cls, d: dict) -> "HiggsConfig":
+        # transformers' HiggsAudioV2: every layer DualFFN, delay pattern, no tower; its
+        # codebook_size counts the two stream tokens.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling({"rope_scaling": rope}),
+            audio_adapter_type="dual_ffn_fast_forward", audio_dual_ffn_layers=None,
+            audio_num_codebooks=d["num_codebooks"], audio_codebook_size=d["codebook_size"] - 2,
+            audio_stream_bos_id=d.get("audio_stream_bos_id", d["codebook_size"] - 2),
+            audio_stream_eos_id=d.get("audio_stream_eos_id", d["codebook_size"] - 1),
+            use_delay_pattern=True, encode_audio_in_tokens=True, encode_whisper_embed=False,
+            skip_audio_tower=True, audio_out_token_id=d.get("audio_token_id", 128016),
+            audio_out_bos_token_id=d.get("audio_bos_token_id", 128013),
+            pad_token_id=d.get("pad_token_id", 128001),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str) -> "HiggsConfig":
+        path = os.path.join(ckpt_dir, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: --model must be a Higgs-Audio checkpoint "
+                                    "folder (config.json + *.safetensors + tokenizer) or 'tiny'")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_official_dict(self) -> dict:
+        """config.json in the official `higgs_audio` format (what `from_dict` reads back)."""
+        text = dict(model_type="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                    num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                    head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+                    rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+                    hidden_act="silu", attention_bias=False, mlp_bias=False,
+                    max_position_embeddings=131072, tie_word_embeddings=False,
+                    pad_token_id=self.pad_token_id)
+        enc = dict(model_type="higgs_audio_encoder", d_model=self.whisper_d_model,
+                   encoder_layers=self.whisper_layers,
+                   encoder_attention_heads=self.whisper_heads,
+                   encoder_ffn_dim=self.whisper_ffn_dim, num_mel_bins=self.whisper_num_mel_bins,
+                   max_source_positions=self.whisper_max_source_positions)
+        layers = self.audio_dual_ffn_layers
+        return dict(
+            model_type="higgs_audio", architectures=["HiggsAudioModel"], text_config=text,
+            audio_encoder_config=enc, audio_adapter_type=self.audio_adapter_type,
+            audio_dual_ffn_layers=list(range(self.num_layers)) if layers is None else layers,
+            audio_num_codebooks=self.audio_num_codebooks,
+            audio_codebook_size=self.audio_codebook_size,
+            audio_stream_bos_id=self.audio_stream_bos_id,
+            audio_stream_eos_id=self.audio_stream_eos_id, audio_embed_avg=self.audio_embed_avg,
+            use_delay_pattern=self.use_delay_pattern,
+            encode_audio_in_tokens=self.encode_audio_in_tokens,
+            encode_whisper_embed=self.encode_whisper_embed,
+            skip_audio_tower=self.skip_audio_tower, audio_in_token_idx=self.audio_in_token_id,
+            audio_out_token_idx=self.audio_out_token_id,
+            audio_out_bos_token_id=self.audio_out_bos_token_id,
+            audio_eos_token_id=self.audio_eos_token_id, pad_token_id=self.pad_token_id,
+            audio_decoder_proj_num_layers=0, use_audio_out_embed_projector=False,
+            use_audio_out_self_attention=False, use_rq_transformer=False)
+
+
+def _rope_scaling(text_config: dict) -> dict | None:
+    rs = text_config.get("rope_scaling") or text_config.get("rope_parameters")
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope scaling {kind!r} (supported: llama3, default)")
+    return {k: rs[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                               "original_max_position_embeddings")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone pieces
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward, named like LlamaMLP."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(cfg: HiggsConfig, device=None) -> torch.Tensor:
+    """Inverse RoPE frequencies, with Llama-3.1 frequency-dependent scaling when configured."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device)
+                                    .float() / dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype):
+    freqs = position_ids[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Llama GQA attention through F.scaled_dot_product_attention (flash on GPU)."""
+
+    def __init__(self, cfg: HiggsConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        # Right-padded rows need no mask: causal attention never reaches the trailing padding.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+@dataclass
+class Routing:
+    """Flat (b*L + t) indices splitting positions between the text and the audio path."""
+    text: torch.Tensor
+    audio: torch.Tensor
+
+    def merge(self, text_part: torch.Tensor, audio_part: torch.Tensor) -> torch.Tensor:
+        out = text_part.new_empty(self.text.numel() + self.audio.numel(), text_part.shape[-1])
+        out.index_copy_(0, self.text, text_part)
+        return out.index_copy_(0, self.audio, audio_part)
+
+
+class DecoderLayer(nn.Module):
+    """One backbone layer. kind 'dual': audio-code positions use audio_mlp and the audio norms;
+    'fast_forward': audio-code positions pass through unchanged and text may not attend to them;
+    'plain': a Llama layer for every position."""
+
+    def __init__(self, cfg: HiggsConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if kind == "dual":
+            self.audio_mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+            self.audio_input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.audio_post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, routing: Routing | None, ff_mask):
+        B, L, D = h.shape
+        dual = self.kind == "dual" and routing is not None
+        if dual:  # route each position to its own norm/FFN by index, no boolean copies
+            flat = h.reshape(-1, D)
+            normed = routing.merge(self.input_layernorm(flat[routing.text]),
+                                   self.audio_input_layernorm(flat[routing.audio])).view(B, L, D)
+        else:
+            normed = self.input_layernorm(h)
+        skip_audio = self.kind == "fast_forward" and routing is not None
+        h2 = h + self.self_attn(normed, cos, sin, ff_mask if skip_audio else None)
+        flat2 = h2.reshape(-1, D)
+        if dual:
+            text = self.mlp(self.post_attention_layernorm(flat2[routing.text]))
+            audio = self.audio_mlp(self.audio_post_attention_layernorm(flat2[routing.audio]))
+            return (flat2 + routing.merge(text, audio)).view(B, L, D)
+        if skip_audio:  # text positions get the FFN; audio positions keep the layer's input
+            text = flat2[routing.text]
+            text = text + self.mlp(self.post_attention_layernorm(text))
+            return routing.merge(text, h.reshape(-1, D)[routing.audio]).view(B, L, D)
+        return h2 + self.mlp(self.post_attention_layernorm(h2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Whisper-style audio tower (only in checkpoints that have one)
+
+
+class WhisperAttention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x, key_bias):
+        B, T, D = x.shape
+        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
+                                             split(self.v_proj(x)), attn_mask=key_bias)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class WhisperEncoderLayer(nn.Module):
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = WhisperAttention(d, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, ffn)
+        self.fc2 = nn.Linear(ffn, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+
+    def forward(self, x, key_bias):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), key_bias)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class AudioTower(nn.Module):
+    """Whisper encoder + 2x average pooling: 30 s of 128-bin log-mel (3000 frames) -> 750 states."""
+
+    def __init__(self, cfg: HiggsConfig):
+        super().__init__()
+        d = cfg.whisper_d_model
+        self.conv1 = nn.Conv1d(cfg.whisper_num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(cfg.whisper_max_source_positions, d)
+        self.layers = nn.ModuleList(WhisperEncoderLayer(d, cfg.whisper_heads, cfg.whisper_ffn_dim)
+                                    for _ in range(cfg.whisper_layers))
+        self.layer_norm = nn.LayerNorm(d)
+
+    @staticmethod
+    def output_lengths(mel_lengths: torch.Tensor):
+        """(frames after conv2, states after pooling) for each chunk's valid mel length."""
+        conv = (mel_lengths - 1) // 2 + 1
+        return conv, (conv - 2) // 2 + 1
+
+    def forward(self, features, mel_lengths):
+        x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
+        x = x + self.embed_positions.weight
+        conv_len, _ = self.output_lengths(mel_lengths)
+        T = x.shape[1]
+        # The official tower (transformers 4.46 eager WhisperAttention) ADDS its boolean key mask
+        # to the scores: +1 on valid frames, padding frames stay visible. Whisper itself never
+        # masks padding, and towered checkpoints run that way, so we reproduce it exactly.
+        valid = torch.arange(T, device=x.device)[None, :] < conv_len[:, None]
+        key_bias = valid.to(x.dtype)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, key_bias)
+        x = F.avg_pool1d(x.permute(0, 2, 1), 2, 2).permute(0, 2, 1)
+        return self.layer_norm(x)
+
+
+class AudioEncoderProj(nn.Module):
+    def __init__(self, cfg: HiggsConfig):
+        super().__init__()
+        self.linear = nn.Linear(cfg.whisper_d_model, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class DecoderProj(nn.Module):
+    """Holds both heads under the official names `audio_decoder_proj.{text,audio}_lm_head`."""
+
+    def __init__(self, cfg: HiggsConfig):
+        super().__init__()
+        self.text_lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.audio_lm_head = nn.Linear(cfg.hidden_size, cfg.audio_num_codebooks * cfg.codebook_rows,
+                                       bias=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class HiggsAudioModel(nn.Module):
+    def __init__(self, cfg: HiggsConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.layer_kind(i)) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.audio_codebook_embeddings = nn.Embedding(cfg.audio_num_codebooks * cfg.codebook_rows,
+                                                      cfg.hidden_size)
+        self.audio_decoder_proj = DecoderProj(cfg)
+        if cfg.has_audio_tower:
+            self.audio_tower = AudioTower(cfg)
+            self.audio_encoder_proj = AudioEncoderProj(cfg)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("codebook_offsets",
+                             torch.arange(cfg.audio_num_codebooks) * cfg.codebook_rows,
+                             persistent=False)
+        self.activation_checkpointing = False
+
+    def init_buffers(self, device) -> None:
+        """Recompute the non-persistent buffers (they are empty after a meta-device build)."""
+        self.rope_inv_freq = rope_inv_freq(self.cfg, device=device)
+        self.codebook_offsets = torch.arange(self.cfg.audio_num_codebooks,
+                                             device=device) * self.cfg.codebook_rows
+
+    def embed_audio_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, K) -> (N, D): sum (or mean) over codebooks of row code_k + k * rows."""
+        emb = self.audio_codebook_embeddings(codes + self.codebook_offsets)
+        return emb.mean(1) if self.cfg.audio_embed_avg else emb.sum(1)
+
+    def embed(self, batch) -> torch.Tensor:
+        h = self.embed_tokens(batch.input_ids)
+        B, L, D = h.shape
+        flat = h.reshape(B * L, D)
+        if batch.audio_codes.numel():
+            # .to(dtype): under autocast the sum comes out fp32 (the official splice fails there)
+            flat = flat.index_copy(0, batch.audio_index, self.embed_audio_codes(batch.audio_codes)
+                                   .to(flat.dtype))
+        if batch.whisper_index.numel():
+            states = self.audio_tower(batch.whisper_features, batch.whisper_mel_lengths)
+            _, n_out = AudioTower.output_lengths(batch.whisper_mel_lengths)
+            valid = torch.arange(states.shape[1], device=h.device)[None, :] < n_out[:, None]
+            flat = flat.index_copy(0, batch.whisper_index,
+                                   self.audio_encoder_proj(states[valid]).to(flat.dtype))
+        return flat.view(B, L, D)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Final normed hidden states (B, L, D) for an expanded batch from `collate.collate`."""
+        h = self.embed(batch)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, batch.position_ids, h.dtype)
+        routing = Routing(batch.text_index, batch.audio_index) if batch.audio_index.numel() else None
+        ff_mask = None
+        if routing is not None and any(l.kind == "fast_forward" for l in self.layers):
+            ff_mask = fast_forward_mask(batch.audio_mask)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, routing, ff_mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, routing, ff_mask)
+        return self.norm(h)
+
+    # heads, applied by loss.py / evaluation only where needed
+    def text_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        return self.audio_decoder_proj.text_lm_head(hidden_rows)
+
+    def audio_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, K, codebook_rows)"""
+        out = self.audio_decoder_proj.audio_lm_head(hidden_rows)
+        return out.view(-1, self.cfg.audio_num_codebooks, self.cfg.codebook_rows)
+
+
+def fast_forward_mask(audio_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool: causal, and no position attends to an audio-code key except an audio
+    position to itself (its output is discarded; the diagonal keeps the row free of NaN)."""
+    B, L = audio_mask.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=audio_mask.device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=audio_mask.device)
+    return (causal & (~audio_mask[:, None, :] | eye))[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation and loading
+
+
+def init_weights(model: HiggsAudioModel) -> None:
+    """Random init for models built from scratch (tests, demo, benchmarks): unit-scale
+    activations (linear std 1/sqrt(fan_in), embeddings std 1), so heads give O(1) logits."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            fan_in = module.weight[0].numel()
+            nn.init.normal_(module.weight, std=fan_in ** -0.5)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1.0)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+
+
+def build_model(cfg: HiggsConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> HiggsAudioModel:
+    """A randomly initialised model (the `--model tiny` path)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HiggsAudioModel(cfg)
+        init_weights(model)
+    return model.to(device=device, dtype=dtype)
+
+
+# transformers `higgs_audio_v2` name -> official name
+_TRANSFORMERS_RENAMES = [
+    ("model.embed_audio_tokens.embed_audio_tokens.weight", "audio_codebook_embeddings.weight"),
+    ("audio_lm_head.weight", "audio_decoder_proj.audio_lm_head.weight"),
+    ("text_lm_head.weight", "audio_decoder_proj.text_lm_head.weight"),
+]
+
+
+def official_name(name: str) -> str:
+    for src, dst in _TRANSFORMERS_RENAMES:
+        if name == src:
+            return dst
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def transformers_name(name: str) -> str:
+    for src, dst in _TRANSFORMERS_RENAMES:
+        if name == dst:
+            return src
+    return "model." + name
+
+
+def safetensors_files(ckpt_dir: str) -> list[str]:
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(ckpt_dir, s) for s in shards]
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {ckpt_dir}")
+
+
+def load_model(ckpt_dir: str, device="cpu", dtype=torch.bfloat16) -> HiggsAudioModel:
+    """Build on the meta device and load the checkpoint's tensors in place (assign=True)."""
+    from safetensors import safe_open
+
+    cfg = HiggsConfig.from_checkpoint(ckpt_dir)
+    with torch.device("meta"):
+        model = HiggsAudioModel(cfg)
+    state = {}
+    for path in safetensors_files(ckpt_dir):
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                state[official_name(name)] = f.get_tensor(name).to(dtype)
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {ckpt_dir} does not match its config.json:\n"
+            f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+            f"  unexpected ({len(unexpected)}): {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}\n"
+            "Check that the folder holds a Higgs-Audio v2 checkpoint in the official or the "
+            "transformers format, and that config.json belongs to these weights.")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.init_buffers(device)
+    return model
+
+
+def save_checkpoint(model: HiggsAudioModel, out_dir: str, fmt: str = "official",
+                    max_shard_bytes: int = 5 * 1024 ** 3, state: dict | None = None) -> None:
+    """Write config.json + sharded safetensors (+ index when sharded) in the official or the
+    transformers layout. `state` overrides the model's tensors (e.g. merged LoRA weights)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    state = dict(state if state is not None else model.state_dict())
+    rename = transformers_name if fmt == "transformers" else (lambda n: n)
+    state = {rename(k): v.detach().contiguous() for k, v in state.items()}
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    cfg = model.cfg
+    config = cfg.to_official_dict() if fmt == "official" else transformers_config(cfg)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def transformers_config(cfg: HiggsConfig) -> dict:
+    """config.json for transformers' HiggsAudioV2ForConditionalGeneration (all-DualFFN models)."""
+    if cfg.audio_dual_ffn_layers is not None or cfg.has_audio_tower or not cfg.use_delay_pattern:
+        raise ValueError("the transformers higgs_audio_v2 layout only covers the released "
+                         "architecture: every layer DualFFN, delay pattern, no audio tower")
+    rope = dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
+    return dict(model_type="higgs_audio_v2", architectures=["HiggsAudioV2ForConditionalGeneration"],
+                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope,
+                num_codebooks=cfg.audio_num_codebooks, codebook_size=cfg.codebook_rows,
+                audio_token_id=cfg.audio_out_token_id, audio_bos_token_id=cfg.audio_out_bos_token_id,
+                audio_stream_bos_id=cfg.audio_stream_bos_id,
+                audio_stream_eos_id=cfg.audio_stream_eos_id, pad_token_id=cfg.pad_token_id,
+                tie_word_embeddings=False, max_position_embeddings=131072)
+
+
+def config_dict(cfg: HiggsConfig) -> dict:
+    return asdict(cfg)
+
+
+def config_from_plain_dict(d: dict) -> HiggsConfig:
+    names = {f.name for f in fields(HiggsConfig)}
+    return HiggsConfig(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,134 @@
+"""Our hand-written model against transformers' own implementations on the same weights:
+Llama for the text-only path, HiggsAudioV2ForConditionalGeneration for the audio path and the
+transformers checkpoint layout."""
+import torch
+
+from collate import Collator
+from data import AudioSegment, Sample
+from model import HiggsAudioModel, HiggsConfig, build_model, load_model, save_checkpoint
+
+VOCAB = 96
+
+
+def tiny_cfg(**kw) -> HiggsConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=8, audio_num_codebooks=4, audio_codebook_size=14,
+                audio_stream_bos_id=14, audio_stream_eos_id=15, audio_in_token_id=90,
+                audio_out_token_id=91, audio_out_bos_token_id=89, audio_eos_token_id=88,
+                pad_token_id=92)
+    base.update(kw)
+    return HiggsConfig(**base)
+
+
+def randomize(model, std=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.dim() == 1 else 0.0))
+
+
+def test_text_path_equals_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = tiny_cfg()
+    ours = build_model(cfg)
+    randomize(ours)
+    llama_cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=131072,
+                            rope_parameters=dict(cfg.rope_scaling, rope_theta=cfg.rope_theta),
+                            tie_word_embeddings=False, attn_implementation="eager")
+    llama = LlamaForCausalLM(llama_cfg).eval()
+    sd = {("lm_head.weight" if k == "audio_decoder_proj.text_lm_head.weight" else "model." + k): v
+          for k, v in ours.state_dict().items()
+          if "audio" not in k or k == "audio_decoder_proj.text_lm_head.weight"}
+    missing, unexpected = llama.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+
+    ids = torch.randint(0, 80, (2, 37), generator=torch.Generator().manual_seed(1))
+    batch = Collator(cfg)([Sample(row, row.clone()) for row in ids])
+    with torch.no_grad():
+        hidden = ours.eval()(batch)
+        got = ours.text_logits(hidden[:, :37])
+        want = llama(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _transformers_higgs(tmp_path):
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+    tcfg = HiggsAudioV2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8, num_codebooks=4, codebook_size=16, audio_token_id=91,
+                              audio_bos_token_id=89, audio_delay_token_id=87,
+                              audio_stream_bos_id=14, audio_stream_eos_id=15, pad_token_id=92)
+    torch.manual_seed(0)
+    ref = HiggsAudioV2ForConditionalGeneration(tcfg, use_text_head=True).eval()
+    randomize(ref)
+    ref.save_pretrained(tmp_path)
+    return ref
+
+
+def test_loads_transformers_checkpoint_with_same_audio_logits(tmp_path):
+    ref = _transformers_higgs(tmp_path / "hf")
+    ours = load_model(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    cfg = ours.cfg
+    assert cfg.audio_num_codebooks == 4 and cfg.codebook_rows == 16
+
+    g = torch.Generator().manual_seed(2)
+    text = lambda n: torch.randint(0, 80, (n,), generator=g)  # noqa: E731
+    ids = torch.cat([text(5), torch.tensor([89, cfg.audio_out_token_id, 88]), text(4),
+                     torch.tensor([89, cfg.audio_out_token_id, 88]), text(3)])
+    codes = [torch.randint(0, 14, (4, n), generator=g) for n in (6, 9)]
+    sample = Sample(ids, ids.clone(), [AudioSegment(c, None, True) for c in codes])
+    batch = Collator(cfg)([sample])
+    n = int(batch.attention_mask.sum())
+    with torch.no_grad():
+        hidden = ours(batch)
+        got = ours.audio_logits(hidden.view(-1, 32)[batch.audio_out_index])
+        tf_ids = batch.input_ids[:, :n].clone()
+        tf_ids[batch.audio_mask[:, :n]] = cfg.audio_out_token_id
+        out = ref(input_ids=tf_ids, audio_input_ids=batch.audio_codes[None],
+                  audio_input_ids_mask=torch.ones(1, batch.audio_codes.shape[0], dtype=torch.bool))
+        want = out.logits[batch.audio_mask[:, :n]].view(-1, 4, 16)
+        want_text = ref.text_lm_head(ref.model(input_ids=tf_ids, audio_input_ids=batch.audio_codes[None],
+                                               audio_input_ids_mask=torch.ones(1, batch.audio_codes.shape[0],
+                                                                               dtype=torch.bool)).last_hidden_state)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.text_logits(hidden[:, :n]), want_text, rtol=1e-4, atol=1e-4)
+
+    # the same weights written in the official naming load identically
+    save_checkpoint(ours, str(tmp_path / "official"), fmt="official")
+    again = load_model(str(tmp_path / "official"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch), hidden, rtol=0, atol=0)
+    # and our transformers-layout export loads back in transformers with the same logits
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    save_checkpoint(ours, str(tmp_path / "export"), fmt="transformers")
+    reloaded = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(tmp_path / "export")).eval()
+    with torch.no_grad():
+        out2 = reloaded(input_ids=tf_ids, audio_input_ids=batch.audio_codes[None],
+                        audio_input_ids_mask=torch.ones(1, batch.audio_codes.shape[0], dtype=torch.bool))
+    torch.testing.assert_close(out2.logits, out.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_load_reports_missing_and_unexpected_keys(tmp_path):
+    model = build_model(tiny_cfg())
+    state = model.state_dict()
+    state.pop("norm.weight")
+    state["bogus.weight"] = torch.zeros(1)
+    save_checkpoint(model, str(tmp_path), state=state)
+    try:
+        load_model(str(tmp_path), dtype=torch.float32)
+    except ValueError as e:
+        assert "norm.weight" in str(e) and "bogus.weight" in str(e)
+    else:
+        raise AssertionError("a checkpoint with missing keys loaded")
+
+
+def test_meta_build_has_no_real_storage():
+    with torch.device("meta"):
+        model = HiggsAudioModel(HiggsConfig.released())
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 5_771_283_456  # the released checkpoint's parameter count (SPEC section 1)
