@@ -155,8 +155,6 @@ def save_adapter(model: nn.Module, out_dir: str, base_model: str = "") -> None:
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": extra or None, "base_model_name_or_path": base_model,
         "use_rslora": False, "use_dora": False,
-        # ours: how to rebuild the injection (PEFT ignores unknown keys it does not know)
-        "higgs_lora_targets": cfg["targets"], "higgs_trainable_modules": cfg["trainable_modules"],
     }
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(peft_config, f, indent=2)
@@ -175,9 +173,10 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_adapter(model: nn.Module, adapter_dir: str) -> None:
     """Inject LoRA as the adapter's config says and load its weights."""
     config, tensors = read_adapter(adapter_dir)
-    targets = config.get("higgs_lora_targets") or ",".join(re.escape(t) for t in config["target_modules"])
-    inject_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=0.0, targets=targets,
-                trainable_modules=config.get("higgs_trainable_modules") or "")
+    exact = lambda names: ",".join(re.escape(n) for n in names or [])  # noqa: E731
+    inject_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=0.0,
+                targets=exact(config["target_modules"]),
+                trainable_modules=exact(config.get("modules_to_save")))
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:

@@ -315,6 +315,21 @@ def step_flops(model, batch) -> float:
 # Training
 
 
+class TrainingForward(torch.nn.Module):
+    """Model + loss in one forward, so DDP sees every trainable parameter (heads included) in
+    the graph of its output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, with_voice_consistency: bool):
+        hidden = self.model(batch)
+        sums = loss_sums(self.model, hidden, batch)
+        vs = voice_consistency_sums(hidden, batch)[0] if with_voice_consistency else None
+        return sums, vs
+
+
 def train(cfg: TrainConfig) -> dict:
     d = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     device, dtype = resolve_device(cfg, d)
@@ -331,9 +346,12 @@ def train(cfg: TrainConfig) -> dict:
     log(d, f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
     model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
+    torch.manual_seed(cfg.seed * 1000 + d.rank + 1)  # distinct dropout masks per rank
+    step_module = TrainingForward(model)
+    # find_unused_parameters: a micro-batch without audio leaves the audio-FFN LoRA unused
     ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=False, static_graph=False) if d.world > 1 else model
+        step_module, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True) if d.world > 1 else step_module
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
@@ -411,12 +429,10 @@ def train(cfg: TrainConfig) -> dict:
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1 or d.world == 1
             with (nullcontext() if sync else ddp.no_sync()), autocast():
-                hidden = ddp(batch)
-                sums = loss_sums(model, hidden, batch)
+                sums, vs = ddp(batch, bool(cfg.voice_consistency_weight))
                 loss = total_loss(sums, global_counts, cfg.text_loss_weight, cfg.audio_loss_weight,
                                   cb_weights)
-                if cfg.voice_consistency_weight:
-                    vs, _ = voice_consistency_sums(hidden, batch)
+                if vs is not None:
                     loss = loss + cfg.voice_consistency_weight * vs / global_vc.clamp(min=1)
                     vc_sum = vc_sum + vs.detach()
                 # DDP averages gradients over ranks; the objective is their sum
