@@ -227,3 +227,55 @@ def test_demo_run_loss_decreases(tmp_path):
     assert rows[-1][2] < rows[0][2]  # the audio loss itself goes down
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     assert "eval_audio_loss" in result
+
+
+def test_non_finite_step_is_skipped_then_stops(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    real = train_mod.loss_sums
+    calls = {"n": 0}
+
+    def poisoned(model, hidden, batch):  # every forward from the 2nd on gives a NaN loss
+        calls["n"] += 1
+        sums = real(model, hidden, batch)
+        if calls["n"] >= 2:
+            sums.text_sum = sums.text_sum * float("nan")
+        return sums
+
+    monkeypatch.setattr(train_mod, "loss_sums", poisoned)
+    with pytest.raises(SystemExit, match="consecutive non-finite"):
+        run_train(tmp_path, "--max_bad_steps", "2", "--save_every", "1", ckpt=tiny_ckpt)
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient" in out and "step skipped" in out
+    # the skipped steps changed nothing: the adapter saved at step 1 is what is left
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_activation_checkpointing_gives_same_gradients(tiny_ckpt):
+    grads = []
+    for ac in (False, True):
+        model, batch = demo_batch(tiny_ckpt)
+        torch.manual_seed(0)
+        inject_lora(model, r=4, alpha=8)
+        with torch.no_grad():
+            for _, m in model.named_modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_B.weight.normal_(std=0.05)
+        model.train()
+        model.activation_checkpointing = ac
+        s = loss_sums(model, model(batch), batch)
+        (s.text_sum + s.audio_sum.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_checkpoint_and_bf16_load(tiny_ckpt, tmp_path):
+    from model import save_checkpoint
+
+    model, batch = demo_batch(tiny_ckpt)
+    save_checkpoint(model, str(tmp_path), max_shard_bytes=200_000)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 1
+    again = load_model(str(tmp_path), dtype=torch.float32)
+    assert torch.equal(outputs(again, batch), outputs(model, batch))
+    half = load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
