@@ -62,30 +62,29 @@ class Batch:
         return (self.audio_targets != IGNORE).sum(0)
 
 
-def wrap_codes(codes: torch.Tensor, bos: int, eos: int, delay: bool) -> torch.Tensor:
-    """[bos | codes | eos] per codebook; with the delay pattern codebook k is shifted right by k,
-    filled with bos before and eos after (length T + 2 + K - 1)."""
+def delayed_stream(codes: torch.Tensor, first: int, last: int, before: int, after: int,
+                   delay: bool) -> torch.Tensor:
+    """[first | codes | last] per codebook; with the delay pattern codebook k is shifted right
+    by k, filled with `before` on its left and `after` on its right (length T + 2 + K - 1)."""
     K, T = codes.shape
-    x = torch.cat([codes.new_full((K, 1), bos), codes, codes.new_full((K, 1), eos)], dim=1)
+    x = torch.cat([codes.new_full((K, 1), first), codes, codes.new_full((K, 1), last)], dim=1)
     if not delay:
         return x
-    out = codes.new_full((K, T + 2 + K - 1), eos)
+    out = codes.new_full((K, T + 2 + K - 1), after)
     for k in range(K):
-        out[k, :k] = bos
+        out[k, :k] = before
         out[k, k:k + T + 2] = x[k]
     return out
+
+
+def wrap_codes(codes: torch.Tensor, bos: int, eos: int, delay: bool) -> torch.Tensor:
+    """Model input of an audio segment: stream BOS, codes, stream EOS (delay fill BOS / EOS)."""
+    return delayed_stream(codes, bos, eos, bos, eos, delay)
 
 
 def audio_out_labels(codes: torch.Tensor, eos: int, delay: bool) -> torch.Tensor:
-    """Labels of an audio-out segment: [-100 | codes | eos], delayed with -100 fill."""
-    K, T = codes.shape
-    x = torch.cat([codes.new_full((K, 1), IGNORE), codes, codes.new_full((K, 1), eos)], dim=1)
-    if not delay:
-        return x
-    out = codes.new_full((K, T + 2 + K - 1), IGNORE)
-    for k in range(K):
-        out[k, k:k + T + 2] = x[k]
-    return out
+    """Labels of an audio-out segment: -100, codes, EOS (delay fill -100)."""
+    return delayed_stream(codes, IGNORE, eos, IGNORE, IGNORE, delay)
 
 
 class Collator:

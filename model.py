@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -686,12 +686,3 @@ def transformers_config(cfg: HiggsConfig) -> dict:
                 audio_stream_bos_id=cfg.audio_stream_bos_id,
                 audio_stream_eos_id=cfg.audio_stream_eos_id, pad_token_id=cfg.pad_token_id,
                 tie_word_embeddings=False, max_position_embeddings=131072)
-
-
-def config_dict(cfg: HiggsConfig) -> dict:
-    return asdict(cfg)
-
-
-def config_from_plain_dict(d: dict) -> HiggsConfig:
-    names = {f.name for f in fields(HiggsConfig)}
-    return HiggsConfig(**{k: v for k, v in d.items() if k in names})
