@@ -41,6 +41,66 @@ def synthetic_samples(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float, 
     return samples
 
 
+def baseline_model(cfg: HiggsConfig, r: int, alpha: float, device, dtype):
+    """transformers' HiggsAudioV2ForConditionalGeneration (text head on) + PEFT LoRA on every
+    linear of attention, text FFN and audio FFN: the stack people use today."""
+    import peft
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+    tcfg = HiggsAudioV2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, num_codebooks=cfg.audio_num_codebooks,
+        codebook_size=cfg.codebook_rows, audio_token_id=cfg.audio_out_token_id,
+        audio_bos_token_id=cfg.audio_out_bos_token_id, audio_stream_bos_id=cfg.audio_stream_bos_id,
+        audio_stream_eos_id=cfg.audio_stream_eos_id, pad_token_id=cfg.pad_token_id,
+        max_position_embeddings=131072,
+        rope_parameters=dict(cfg.rope_scaling, rope_theta=cfg.rope_theta))
+    tcfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = HiggsAudioV2ForConditionalGeneration(tcfg, use_text_head=True).to(dtype)
+    lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return peft.get_peft_model(model, lcfg)
+
+
+def baseline_inputs(batch, cfg: HiggsConfig) -> dict:
+    """The identical expanded batch in transformers' input format."""
+    B, L = batch.input_ids.shape
+    ids = batch.input_ids.clone()
+    ids[batch.audio_mask] = cfg.audio_out_token_id
+    per_row = batch.audio_mask.sum(1)
+    n = int(per_row.max())
+    audio = batch.audio_codes.new_zeros(B, n, cfg.audio_num_codebooks)
+    mask = torch.arange(n, device=ids.device)[None, :] < per_row[:, None]
+    audio[mask] = batch.audio_codes
+    labels = torch.full_like(audio, -100)
+    is_out = torch.isin(batch.audio_index, batch.audio_out_index)
+    stream = torch.full_like(batch.audio_codes, -100)
+    stream[is_out] = batch.audio_out_labels
+    labels[mask] = stream
+    return dict(input_ids=ids, attention_mask=batch.attention_mask.long(), audio_input_ids=audio,
+                audio_input_ids_mask=mask, labels=batch.labels, audio_labels=labels)
+
+
+def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float | None]:
+    """(seconds per step, peak GiB) after warm-up."""
+    for _ in range(warmup):
+        step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    return dt, torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["released", "tiny"], default="released")
@@ -54,7 +114,11 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--peak_tflops", type=float, default=989.0)
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time transformers + PEFT on the identical batch (needs peft)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -67,6 +131,8 @@ def main(argv=None) -> dict:
     model.to(dtype)
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     model.activation_checkpointing = args.activation_checkpointing
+    if args.compile:
+        model.compile_layers()
     model.train()
     trainable, total = count_parameters(model)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -90,19 +156,15 @@ def main(argv=None) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
 
-    for _ in range(args.warmup):
-        step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    sync()
-    dt = (time.perf_counter() - t0) / args.steps
+    dt, peak = time_steps(step, args.warmup, args.steps, device)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     positions = float(batch.attention_mask.sum())
     result = dict(
         preset=args.preset, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -111,9 +173,38 @@ def main(argv=None) -> dict:
         positions_per_s=positions / dt,
         target_audio_s_per_s=args.batch_size * args.target_seconds / dt,
         mfu=step_flops(model, batch) / dt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
-        peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-        loss=float(loss.detach()), pipeline_samples_per_s=pipeline_samples_per_s,
-        activation_checkpointing=args.activation_checkpointing)
+        peak_gib=peak, pipeline_samples_per_s=pipeline_samples_per_s,
+        activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+
+    if args.baseline:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print("--baseline skipped: pip install peft (a benchmark-only dependency)")
+        else:
+            del model, opt, params
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            base = baseline_model(cfg, args.lora_r, args.lora_alpha, device, dtype)
+            base.train()
+            if args.activation_checkpointing:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base_opt = torch.optim.AdamW([q for q in base.parameters() if q.requires_grad], lr=1e-5,
+                                         fused=device.type == "cuda")
+            inputs = baseline_inputs(batch, cfg)
+
+            def base_step():
+                # no autocast: its fp32 audio-embedding sum breaks transformers' masked_scatter
+                # (the same bug as the official code); weights bf16, PEFT adapters fp32
+                loss = base(**inputs).loss
+                loss.backward()
+                base_opt.step()
+                base_opt.zero_grad(set_to_none=True)
+
+            base_dt, base_peak = time_steps(base_step, args.warmup, args.steps, device)
+            result.update(baseline_positions_per_s=positions / base_dt, baseline_peak_gib=base_peak,
+                          speedup=base_dt / dt,
+                          memory_ratio=peak / base_peak if peak and base_peak else None)
     print(json.dumps(result))
     return result
 

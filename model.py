@@ -319,16 +319,11 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
-@dataclass
-class Routing:
-    """Flat (b*L + t) indices splitting positions between the text and the audio path."""
-    text: torch.Tensor
-    audio: torch.Tensor
-
-    def merge(self, text_part: torch.Tensor, audio_part: torch.Tensor) -> torch.Tensor:
-        out = text_part.new_empty(self.text.numel() + self.audio.numel(), text_part.shape[-1])
-        out.index_copy_(0, self.text, text_part)
-        return out.index_copy_(0, self.audio, audio_part)
+def merge_rows(text_part, audio_part, text_index, audio_index) -> torch.Tensor:
+    """Scatter the text-path rows and the audio-path rows back into one (N, D) tensor."""
+    out = text_part.new_empty(text_index.numel() + audio_index.numel(), text_part.shape[-1])
+    out.index_copy_(0, text_index, text_part)
+    return out.index_copy_(0, audio_index, audio_part)
 
 
 class DecoderLayer(nn.Module):
@@ -348,26 +343,30 @@ class DecoderLayer(nn.Module):
             self.audio_input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.audio_post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, routing: Routing | None, ff_mask):
+    def forward(self, h, cos, sin, text_index, audio_index, ff_mask):
+        """text_index/audio_index: flat positions of each path (None when there is no audio)."""
         B, L, D = h.shape
-        dual = self.kind == "dual" and routing is not None
+        routed = audio_index is not None
+        dual = self.kind == "dual" and routed
         if dual:  # route each position to its own norm/FFN by index, no boolean copies
             flat = h.reshape(-1, D)
-            normed = routing.merge(self.input_layernorm(flat[routing.text]),
-                                   self.audio_input_layernorm(flat[routing.audio])).view(B, L, D)
+            normed = merge_rows(self.input_layernorm(flat[text_index]),
+                                self.audio_input_layernorm(flat[audio_index]),
+                                text_index, audio_index).view(B, L, D)
         else:
             normed = self.input_layernorm(h)
-        skip_audio = self.kind == "fast_forward" and routing is not None
+        skip_audio = self.kind == "fast_forward" and routed
         h2 = h + self.self_attn(normed, cos, sin, ff_mask if skip_audio else None)
         flat2 = h2.reshape(-1, D)
         if dual:
-            text = self.mlp(self.post_attention_layernorm(flat2[routing.text]))
-            audio = self.audio_mlp(self.audio_post_attention_layernorm(flat2[routing.audio]))
-            return (flat2 + routing.merge(text, audio)).view(B, L, D)
+            text = self.mlp(self.post_attention_layernorm(flat2[text_index]))
+            audio = self.audio_mlp(self.audio_post_attention_layernorm(flat2[audio_index]))
+            return (flat2 + merge_rows(text, audio, text_index, audio_index)).view(B, L, D)
         if skip_audio:  # text positions get the FFN; audio positions keep the layer's input
-            text = flat2[routing.text]
+            text = flat2[text_index]
             text = text + self.mlp(self.post_attention_layernorm(text))
-            return routing.merge(text, h.reshape(-1, D)[routing.audio]).view(B, L, D)
+            return merge_rows(text, h.reshape(-1, D)[audio_index], text_index,
+                              audio_index).view(B, L, D)
         return h2 + self.mlp(self.post_attention_layernorm(h2))
 
 
@@ -490,6 +489,13 @@ class HiggsAudioModel(nn.Module):
         self.codebook_offsets = torch.arange(self.cfg.audio_num_codebooks,
                                              device=device) * self.cfg.codebook_rows
 
+    def compile_layers(self) -> None:
+        """torch.compile each decoder layer (dynamic shapes: lengths and the text/audio split vary
+        per batch); fuses norms, RoPE, SwiGLU and LoRA epilogues and recomputes cheap elementwise
+        results in backward instead of storing them."""
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
     def embed_audio_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, K) -> (N, D): sum (or mean) over codebooks of row code_k + k * rows."""
         emb = self.audio_codebook_embeddings(codes + self.codebook_offsets)
@@ -515,15 +521,17 @@ class HiggsAudioModel(nn.Module):
         """Final normed hidden states (B, L, D) for an expanded batch from `collate.collate`."""
         h = self.embed(batch)
         cos, sin = rope_cos_sin(self.rope_inv_freq, batch.position_ids, h.dtype)
-        routing = Routing(batch.text_index, batch.audio_index) if batch.audio_index.numel() else None
+        routed = batch.audio_index.numel() > 0
+        text_index, audio_index = (batch.text_index, batch.audio_index) if routed else (None, None)
         ff_mask = None
-        if routing is not None and any(l.kind == "fast_forward" for l in self.layers):
+        if routed and any(l.kind == "fast_forward" for l in self.layers):
             ff_mask = fast_forward_mask(batch.audio_mask)
         for layer in self.layers:
+            args = (h, cos, sin, text_index, audio_index, ff_mask)
             if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, routing, ff_mask, use_reentrant=False)
+                h = checkpoint(layer, *args, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, routing, ff_mask)
+                h = layer(*args)
         return self.norm(h)
 
     # heads, applied by loss.py / evaluation only where needed
