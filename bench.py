@@ -116,6 +116,8 @@ def main(argv=None) -> dict:
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--peak_tflops", type=float, default=989.0)
+    p.add_argument("--memory_budget", type=float, default=1.0,
+                   help="torch.compile activation memory budget (<1 recomputes cheap ops in backward)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
     p.add_argument("--baseline", action="store_true",
                    help="also time transformers + PEFT on the identical batch (needs peft)")
@@ -132,7 +134,7 @@ def main(argv=None) -> dict:
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
-        model.compile_layers()
+        model.compile_layers(args.memory_budget)
     model.train()
     trainable, total = count_parameters(model)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -174,7 +176,8 @@ def main(argv=None) -> dict:
         target_audio_s_per_s=args.batch_size * args.target_seconds / dt,
         mfu=step_flops(model, batch) / dt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
         peak_gib=peak, pipeline_samples_per_s=pipeline_samples_per_s,
-        activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+        activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+        memory_budget=args.memory_budget)
 
     if args.baseline:
         try:

@@ -489,10 +489,14 @@ class HiggsAudioModel(nn.Module):
         self.codebook_offsets = torch.arange(self.cfg.audio_num_codebooks,
                                              device=device) * self.cfg.codebook_rows
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, memory_budget: float = 1.0) -> None:
         """torch.compile each decoder layer (dynamic shapes: lengths and the text/audio split vary
         per batch); fuses norms, RoPE, SwiGLU and LoRA epilogues and recomputes cheap elementwise
-        results in backward instead of storing them."""
+        results in backward instead of storing them. memory_budget < 1 lets the compiler
+        recompute more of the forward in backward to hold fewer activations."""
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = memory_budget
         for layer in self.layers:
             layer.compile(dynamic=True)
 
