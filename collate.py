@@ -54,6 +54,10 @@ class Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                         for f in fields(self)})
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so the host-to-GPU copy is asynchronous (DataLoader calls this)."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
     @property
     def num_text_tokens(self) -> int:
         return int(self.text_targets.numel())
