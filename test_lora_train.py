@@ -91,6 +91,20 @@ def test_merge_cli_official_and_transformers(tiny_ckpt, tmp_path):
         assert os.path.isfile(out / "tokenizer.json")
         merged = load_model(str(out), dtype=torch.float32)
         torch.testing.assert_close(outputs(merged, batch), want, rtol=1e-5, atol=1e-4)
+        if fmt == "transformers":  # and transformers itself gives the same audio logits
+            from transformers import HiggsAudioV2ForConditionalGeneration
+
+            from bench import baseline_inputs
+
+            hf = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(out)).eval()
+            inputs = baseline_inputs(batch, model.cfg)
+            for key in ("labels", "audio_labels"):
+                inputs.pop(key)
+            with torch.no_grad():
+                theirs = hf(**inputs).logits.view(-1, model.cfg.audio_num_codebooks,
+                                                  model.cfg.codebook_rows)
+                ours = merged.audio_logits(merged(batch).flatten(0, 1)[batch.audio_out_index])
+            torch.testing.assert_close(theirs[batch.audio_out_index], ours, rtol=1e-4, atol=1e-4)
     # reloading the adapter onto a fresh base gives the same model
     fresh = load_model(tiny_ckpt, dtype=torch.float32)
     load_adapter(fresh, str(tmp_path / "adapter"))
