@@ -160,7 +160,8 @@ def _part_from_json(obj, where: str):
             value = obj.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or value < 0):
-                raise DataError(f"{where}.{key} must be a number of seconds >= 0 or null, got {value!r}")
+                raise DataError(f"{where}.{key} must be a number of seconds >= 0 or null, "
+                                f"got {value!r}")
         return AudioPart(audio_url=url, raw_audio=raw, offset=obj.get("offset"),
                          duration=obj.get("duration"))
     raise DataError(f"{where}: unknown content type {kind!r}; use \"text\" or \"audio\"")
@@ -336,8 +337,8 @@ def _from_tagged_chat(obj, where: str):
     if used != len(audios):
         raise DataError(f"{where}: \"audios\" has {len(audios)} paths but the turns have {used} "
                         "<audio> tags; put one tag where each audio belongs")
-    start = obj.get("start_index",
-                    1 + max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1))
+    last_prompt = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
+    start = obj.get("start_index", last_prompt + 1)
     return {"messages": messages, "start_index": start, "speaker": obj.get("speaker")}, fields
 
 
@@ -362,13 +363,15 @@ def _read_json(path: str) -> list[tuple[str, object]]:
         raise DataError(f"{path}: empty file, no records")
     try:
         whole = json.loads(text)
-        objs = whole if isinstance(whole, list) else [whole]
-        return [(f"{path}: record {i}", o) for i, o in enumerate(objs)]
     except json.JSONDecodeError as e:
         error = DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
         if text.lstrip().startswith("["):
             raise error
-    out = []
+    else:
+        if isinstance(whole, list) or "\n" in text.strip():  # a list, or one multi-line object
+            return [(f"{path}: record {i}", o)
+                    for i, o in enumerate(whole if isinstance(whole, list) else [whole])]
+    out = []  # JSONL (one line parsed as a whole is JSONL too, so that errors name its line)
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
@@ -449,20 +452,23 @@ def _folder_clips(path: str) -> tuple[str, list]:
             stem, ext = os.path.splitext(name)
             if ext.lower() not in AUDIO_EXTENSIONS or os.path.normpath(audio) in listed:
                 continue
-            source = f"{audio} (record {len(out)})"
-            txt = os.path.join(folder, stem + ".txt")
-            if not os.path.isfile(txt):
-                out.append((source, DataError(f"{source}: no transcript {stem}.txt next to it; "
-                                              "write it (the words spoken) or remove the audio")))
-                continue
-            text = _read_text(txt).strip()
-            out.append((source, Clip(text, os.path.relpath(audio, root), speaker, stem + ".txt", name)
-                        if text else DataError(f"{source}: {txt} is empty; write the transcript")))
+            source, txt = f"{audio} (record {len(out)})", os.path.join(folder, stem + ".txt")
+            try:
+                if not os.path.isfile(txt):
+                    raise DataError(f"{source}: no transcript {stem}.txt next to it; write it (the "
+                                    "words spoken) or remove the audio")
+                text = _read_text(txt).strip()
+                if not text:
+                    raise DataError(f"{source}: {txt} is empty; write the transcript")
+                out.append((source, Clip(text, os.path.relpath(audio, root), speaker, stem + ".txt",
+                                         name)))
+            except DataError as e:
+                out.append((source, e))
     if not out:
         raise DataError(f"{root}: no audio clips found; a data folder holds NAME.wav + NAME.txt pairs "
                         "(one subfolder per speaker) or an LJSpeech metadata.csv, and a JSON/JSONL "
                         "data file is passed as the file itself")
-    return root, out
+    return os.path.abspath(root), out
 
 
 def _pair_clips(items: list) -> list:
@@ -605,7 +611,8 @@ def expected_frames(num_samples: int, sample_rate: int) -> int:
 def _window(part: AudioPart, rate: float, round_stop=round) -> slice:
     """The part's offset/duration window, in frames at `rate` per second."""
     start = int(round((part.offset or 0.0) * rate))
-    return slice(start, None if part.duration is None else start + int(round_stop(part.duration * rate)))
+    stop = None if part.duration is None else start + int(round_stop(part.duration * rate))
+    return slice(start, stop)
 
 
 def _audio_source(part: AudioPart, base_dir: str, where: str):
@@ -618,8 +625,8 @@ def _audio_source(part: AudioPart, base_dir: str, where: str):
                             "file's bytes there, or save the audio to a file and use audio_url")
     path = resolve_audio_path(part, base_dir)
     if not os.path.isfile(path):
-        raise DataError(f"{where}: audio file {path} not found; fix the path (relative paths start "
-                        f"at {base_dir}) or add the file")
+        start = "" if os.path.isabs(part.audio_url) else f" (relative paths start at {base_dir})"
+        raise DataError(f"{where}: audio file {path} not found; fix the path{start} or add the file")
     return path, path
 
 
@@ -731,17 +738,18 @@ def expanded_length(sample: Sample, cfg) -> int:
     from collate import WHISPER_CHUNK_SECONDS, Collator
 
     wrap = 2 + (cfg.audio_num_codebooks - 1 if cfg.use_delay_pattern else 0)
+    chunk = WHISPER_CHUNK_SECONDS * WHISPER_SAMPLE_RATE
+    frames = WHISPER_CHUNK_SECONDS * CODES_FRAME_RATE  # codes per chunk
     n = len(sample.input_ids)
     for seg in sample.audios:
         if seg.is_out or (cfg.encode_audio_in_tokens and not cfg.uses_whisper):
             n += seg.codes.shape[1] + wrap - 1
         elif cfg.uses_whisper:
-            chunk, frames = WHISPER_CHUNK_SECONDS * WHISPER_SAMPLE_RATE, WHISPER_CHUNK_SECONDS * CODES_FRAME_RATE
             starts = range(0, len(seg.waveform), chunk)
             n += 2 * (len(starts) - 1) - 1
             for c, s in enumerate(starts):
                 n += Collator._whisper_states(min(chunk, len(seg.waveform) - s))
-                t = seg.codes[:, c * frames:(c + 1) * frames].shape[1] if cfg.encode_audio_in_tokens else 0
+                t = seg.codes[:, c * frames:(c + 1) * frames].shape[1] if seg.codes is not None else 0
                 n += t + wrap if t else 0
     return n
 
@@ -782,25 +790,26 @@ def _check_audio(part: AudioPart, record: Record, where: str, cfg, needs_codes: 
     window = _window(part, info.samplerate)
     seconds = len(range(info.frames)[window]) / info.samplerate
     if seconds == 0:
-        raise DataError(f"{where}: the offset/duration window ({part.offset}, {part.duration}) holds "
-                        f"no audio of the {info.frames / info.samplerate:.2f} s file; fix offset/duration")
+        raise DataError(f"{where}: the offset/duration window ({part.offset}, {part.duration}) "
+                        f"holds no audio of the {info.frames / info.samplerate:.2f} s file; fix "
+                        "offset/duration")
     if needs_codes and (key, "codes") not in cache:
         codes = read_codes(part, record.base_dir, cfg.audio_num_codebooks, cfg.audio_codebook_size,
                            where)
         want = expected_frames(info.frames, info.samplerate)
         if abs(codes.shape[1] - want) > 1:
-            raise DataError(f"{where}: codes {codes_path(key)} have {codes.shape[1]} frames but the "
-                            f"audio ({info.frames / info.samplerate:.2f} s) gives {want} at 25 frames/s: "
-                            "the sidecar belongs to another file or an older version of it; delete it "
-                            "and rerun `python data.py prepare`")
+            raise DataError(f"{where}: codes {codes_path(key)} have {codes.shape[1]} frames but "
+                            f"the audio ({info.frames / info.samplerate:.2f} s) gives {want} at 25 "
+                            "frames/s: the sidecar belongs to another file or an older version of "
+                            "it; delete it and rerun `python data.py prepare`")
         cache[(key, "codes")] = True
     return seconds
 
 
 def check_record(record: Record, cfg, cache: dict | None = None) -> Checked:
-    """Everything about a record that needs no text tokenizer: role order, empty text, a trainable
-    assistant audio target, audio files and (as `cfg` needs them) their codes sidecars. `cache`
-    shares per-file results between the records of a data set."""
+    """Everything about a record that needs no text tokenizer: role order, empty text, a trained
+    assistant turn, audio files and (as `cfg` needs them) their codes sidecars. `cache` shares
+    per-file results between the records of a data set."""
     cache = {} if cache is None else cache
     src, msgs, start = record.source, record.messages, record.start_index
     if not msgs:
@@ -824,14 +833,15 @@ def check_record(record: Record, cfg, cache: dict | None = None) -> Checked:
             if isinstance(p, TextPart) and not p.text.strip():
                 raise DataError(f"{src}: {field_name(record, i, j)} is empty text; write the text "
                                 "(for a turn before audio: its transcript) or remove it")
-    targets = [(i, j) for i, m in enumerate(msgs) if m.role == "assistant" and (start is None or i >= start)
-               for j, p in enumerate(m.content) if isinstance(p, AudioPart)]
-    if not targets:
+    trained = [i for i, m in enumerate(msgs) if m.role == "assistant" and (start is None or i >= start)]
+    if not trained:
         after = "" if start is None else f" at or after start_index {start} (of {len(msgs)} messages)"
-        raise DataError(f"{src}: no trainable assistant audio (what the official pipeline calls "
-                        f"\"Missing required message types\"): no assistant message has an audio "
-                        f"part{after}, so there is nothing to learn; make the target speech an "
-                        "assistant audio part" + (", or lower start_index" if start else ""))
+        raise DataError(f"{src}: no trainable assistant audio or text (what the old pipeline "
+                        f"called \"Missing required message types\"): no assistant message{after}, "
+                        "so there is nothing to learn; make the target speech an assistant audio "
+                        "part" + (", or lower start_index" if start else ""))
+    targets = [(i, j) for i in trained for j, p in enumerate(msgs[i].content)
+               if isinstance(p, AudioPart)]
     checked = Checked(record)
     for i, m in enumerate(msgs):
         for j, p in enumerate(m.content):
@@ -840,8 +850,8 @@ def check_record(record: Record, cfg, cache: dict | None = None) -> Checked:
                 seconds = _check_audio(p, record, f"{src}: {field_name(record, i, j)}", cfg,
                                        needs_codes, cache, checked)
                 checked.target_seconds += seconds if (i, j) in targets else 0.0
-    prev = msgs[targets[0][0] - 1]  # a target is an assistant turn, so a user turn precedes it
-    if len(targets) == 1 and prev.role == "user" and all(isinstance(p, TextPart) for p in prev.content):
+    prev = msgs[targets[0][0] - 1] if len(targets) == 1 else None  # a user turn precedes a target
+    if prev and prev.role == "user" and all(isinstance(p, TextPart) for p in prev.content):
         checked.target_chars = sum(len(p.text.strip()) for p in prev.content)
     return checked
 
@@ -929,11 +939,14 @@ def _audio_problem(path: str, info) -> str | None:
 
 
 def _flags(checked: list[Checked], rates: list, median: float) -> list[str]:
-    """Valid but suspicious records: a target speaking far faster or slower than the data set's
-    median (usually a wrong transcript or a wrong file), and odd audio files."""
-    flags = [f"{c.record.source}: speaking rate {r:.1f} characters/s, {r / median:.1f}x the median "
-             f"{median:.1f}: wrong transcript or wrong audio file?" for c, r in rates
-             if len(rates) >= 5 and not median / SPEAKING_RATE_FACTOR <= r <= median * SPEAKING_RATE_FACTOR]
+    """Valid but suspicious records: text-only targets, a target speaking far faster or slower
+    than the data set's median (usually a wrong transcript or a wrong file), odd audio files."""
+    flags = [f"{c.record.source}: trains text only, no assistant audio to learn the voice from"
+             for c in checked if not c.target_seconds]
+    low, high = median / SPEAKING_RATE_FACTOR, median * SPEAKING_RATE_FACTOR
+    flags += [f"{c.record.source}: speaking rate {r:.1f} characters/s, {r / median:.1f}x the "
+              f"median {median:.1f}: wrong transcript or wrong audio file?" for c, r in rates
+              if len(rates) >= 5 and not low <= r <= high]
     used_by = {}
     for c in checked:
         for path, info in c.audio.items():
@@ -1008,8 +1021,9 @@ def load_audio_tokenizer(path: str, device: str):
     model = HiggsAudioV2TokenizerModel.from_pretrained(path).eval().to(device)
     c = model.config
     if (c.sample_rate, c.hop_length) != (CODES_SAMPLE_RATE, CODES_HOP):
-        raise DataError(f"{path}: a {c.sample_rate} Hz tokenizer with hop {c.hop_length}; Higgs-Audio "
-                        f"v2 codes come from the {CODES_SAMPLE_RATE} Hz, hop {CODES_HOP} (25 frames/s) one")
+        raise DataError(f"{path}: a {c.sample_rate} Hz tokenizer with hop {c.hop_length}; Higgs-"
+                        f"Audio v2 codes come from the {CODES_SAMPLE_RATE} Hz, hop {CODES_HOP} one "
+                        "(25 frames/s)")
     return model
 
 
@@ -1077,7 +1091,8 @@ def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "aut
     print(f"prepare: {len(files)} audio files, {len(files) - len(todo) - len(failed)} with valid "
           f"codes already, {len(todo)} to encode on {device}")
     t0, last, done = time.time(), 0.0, 0
-    for batch in _equal_length_batches([f for _, f in sorted(todo)], CODES_SAMPLE_RATE, batch_size, failed):
+    by_length = [f for _, f in sorted(todo)]
+    for batch in _equal_length_batches(by_length, CODES_SAMPLE_RATE, batch_size, failed):
         try:
             codes = model.encode(torch.stack([w for _, w in batch])[:, None].to(device),
                                  return_dict=False).cpu().numpy()

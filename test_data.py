@@ -19,8 +19,6 @@ from data import (DataError, codes_path, expected_frames, expanded_length, load_
 from model import HiggsConfig
 
 SYSTEM = "Generate audio following instruction."
-TEXTS = {"alice": ["The sun is bright today.", "Please close the door.", "I like green apples."],
-         "bob": ["Good morning to you all.", "The music was very loud."]}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,8 @@ def tiny():
     return model_spec("tiny")
 
 
-def write_clip(path, seconds=1.0, sr=24000, channels=1, codes=True, seed=0, amplitude=0.3, frames=None):
+def write_clip(path, seconds=1.0, sr=24000, channels=1, codes=True, seed=0, amplitude=0.3,
+               frames=None):
     """A noise clip (16-bit PCM) and, unless codes=False, a sidecar of random codes with the frame
     count the audio tokenizer gives (or `frames`)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -39,12 +38,14 @@ def write_clip(path, seconds=1.0, sr=24000, channels=1, codes=True, seed=0, ampl
              subtype="PCM_16")
     if codes:
         np.save(codes_path(path), rng.integers(0, 32, (8, frames or expected_frames(n, sr))))
-    return path
+
+
+def lines(*objs, **kw):
+    return "".join(json.dumps(o, **kw) + "\n" for o in objs)
 
 
 def write_lines(path, objs):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(o) + "\n" for o in objs)
+    path.write_text(lines(*objs), encoding="utf-8")
     return str(path)
 
 
@@ -59,6 +60,28 @@ def chatml(ref_text, ref_audio, text, audio, speaker=None):
         "start_index": 4, "speaker": speaker}
 
 
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def audio_msg(url, **kw):
+    return {"role": "assistant", "content": {"type": "audio", "audio_url": url, **kw}}
+
+
+def flat(i, **kw):
+    return {"audio": f"c{i}.wav", "text": f"Sentence {i}.", **kw}
+
+
+def swift(audios, content="<audio>"):
+    return {"messages": [user("Say it."), {"role": "assistant", "content": content}],
+            "audios": audios}
+
+
+def sharegpt(i, who="human", text="Hi."):
+    return {"conversations": [{"from": who, "value": text}, {"from": "gpt", "value": "<audio>"}],
+            "audios": [f"c{i}.wav"]}
+
+
 def same_samples(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
@@ -67,14 +90,24 @@ def same_samples(a, b):
         assert all(torch.equal(s.codes, t.codes) for s, t in zip(x.audios, y.audios))
 
 
-def samples_of(path, tiny, **kw):
-    samples, invalid = load_dataset(path, *tiny, **kw)
+def samples_of(path, tiny):
+    samples, invalid = load_dataset(str(path), *tiny)
     assert invalid == [], [x.reason for x in invalid]
     return samples
 
 
+def cli(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 # ----------------------------------------------------------------------------------------------
 # Formats
+
+
+TEXTS = {"alice": ["The sun is bright today.", "Please close the door.", "I like green apples."],
+         "bob": ["Good morning to you all.", "The music was very loud."]}
 
 
 def test_every_format_gives_the_samples_of_hand_written_chatml(tmp_path, tiny):
@@ -88,53 +121,55 @@ def test_every_format_gives_the_samples_of_hand_written_chatml(tmp_path, tiny):
     args = [(TEXTS[s][r], clips[s][r], TEXTS[s][i], clips[s][i], s) for s, r, i in pairs]
     want = samples_of(write_lines(tmp_path / "chatml.jsonl", [chatml(*a) for a in args]), tiny)
 
-    flat = [dict(ref_text=rt, ref_audio=ra, text=t, audio=a, speaker=s) for rt, ra, t, a, s in args]
-    flat[1] = {"prompt_text": args[1][0], "reference_audio": args[1][1], "transcript": args[1][2],
-               "audio_filepath": args[1][3], "speaker_id": 7}  # aliases
+    with_ref = [dict(ref_text=rt, ref_audio=ra, text=t, audio=a, speaker=s) for rt, ra, t, a, s in args]
+    rt, ra, t, a, _ = args[1]
+    with_ref[1] = {"prompt_text": rt, "reference_audio": ra, "transcript": t, "audio_filepath": a,
+                   "speaker_id": 7}  # aliases
     unpaired = [{"text": t, "audio": a, "speaker": s} for _, _, t, a, s in args]
-    swift = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": rt},
-                           {"role": "assistant", "content": "<audio>"},
-                           {"role": "user", "content": t},
-                           {"role": "assistant", "content": "<audio>"}], "audios": [ra, a]}
-             for rt, ra, t, a, _ in args]
-    sharegpt = [{"system": SYSTEM, "audios": [ra, a], "conversations": [
+    swift_records = [{"messages": [{"role": "system", "content": SYSTEM}, user(rt),
+                                   {"role": "assistant", "content": "<audio>"}, user(t),
+                                   {"role": "assistant", "content": "<audio>"}], "audios": [ra, a]}
+                     for rt, ra, t, a, _ in args]
+    sharegpt_records = [{"system": SYSTEM, "audios": [ra, a], "conversations": [
         {"from": "human", "value": rt}, {"from": "gpt", "value": "<audio>"},
         {"from": "human", "value": t}, {"from": "gpt", "value": "<audio>"}]}
         for rt, ra, t, a, _ in args]
     (tmp_path / "unpaired.json").write_text(json.dumps(unpaired, indent=2))  # a JSON list
-    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt))
-    inputs = [("flat", write_lines(tmp_path / "flat.jsonl", flat)),
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt_records))
+    inputs = [("flat", write_lines(tmp_path / "flat.jsonl", with_ref)),
               ("flat", str(tmp_path / "unpaired.json")),
-              ("swift", write_lines(tmp_path / "swift.jsonl", swift)),
+              ("swift", write_lines(tmp_path / "swift.jsonl", swift_records)),
               ("sharegpt", str(tmp_path / "sharegpt.json")),
               ("folder", str(tmp_path / "voices"))]
     for fmt, path in inputs:
         records, invalid, detected = read_records(path)
         assert (detected, invalid) == (fmt, []), path
         same_samples(samples_of(path, tiny), want)
-    records, _, _ = read_records(str(tmp_path / "voices"))
-    assert [r.speaker for r in records] == [s for s, _, _ in pairs]
+    assert [r.speaker for r in records] == [s for s, _, _ in pairs]  # the folder's subfolders
 
     # LJSpeech: metadata.csv of id|text|normalized text, audio in wavs/; one speaker
     lj = tmp_path / "lj"
     for i, text in enumerate(TEXTS["alice"]):
-        write_clip(str(lj / "wavs" / f"LJ-{i}.wav"), 0.8 + 0.1 * i, seed=50 + i)
-        np.save(codes_path(str(lj / "wavs" / f"LJ-{i}.wav")), np.load(codes_path(str(tmp_path / clips["alice"][i]))))
-    (lj / "metadata.csv").write_text("".join(f"LJ-{i}|{t.upper()}|{t}\n" for i, t in enumerate(TEXTS["alice"])))
-    same_samples(samples_of(str(lj), tiny), want[:3])
+        wav = str(lj / "wavs" / f"LJ-{i}.wav")
+        write_clip(wav, 0.8 + 0.1 * i, seed=50 + i)
+        np.save(codes_path(wav), np.load(codes_path(str(tmp_path / clips["alice"][i]))))
+    (lj / "metadata.csv").write_text("".join(f"LJ-{i}|{t.upper()}|{t}\n"
+                                             for i, t in enumerate(TEXTS["alice"])))
+    same_samples(samples_of(lj, tiny), want[:3])
     assert read_records(str(lj / "metadata.csv"))[2] == "folder"
 
 
 def test_tagged_chat_trains_only_the_final_assistant_turns(tmp_path, tiny):
     write_clip(str(tmp_path / "q.wav"), seed=1)
     write_clip(str(tmp_path / "a.wav"), seed=2)
-    swift = {"messages": [{"role": "user", "content": "Repeat this: <audio>"},
-                          {"role": "assistant", "content": "Sure. <audio>"}], "audios": ["q.wav", "a.wav"]}
+    tagged = {"messages": [user("Repeat this: <audio>"),
+                           {"role": "assistant", "content": "Sure. <audio>"}],
+              "audios": ["q.wav", "a.wav"]}
     hand = {"messages": [
-        {"role": "user", "content": ["Repeat this:", {"type": "audio", "audio_url": "q.wav"}]},
+        user(["Repeat this:", {"type": "audio", "audio_url": "q.wav"}]),
         {"role": "assistant", "content": ["Sure.", {"type": "audio", "audio_url": "a.wav"}]}],
         "start_index": 1}
-    same_samples(samples_of(write_lines(tmp_path / "s.jsonl", [swift]), tiny),
+    same_samples(samples_of(write_lines(tmp_path / "s.jsonl", [tagged]), tiny),
                  samples_of(write_lines(tmp_path / "h.jsonl", [hand]), tiny))
 
 
@@ -144,85 +179,89 @@ def test_tagged_chat_trains_only_the_final_assistant_turns(tmp_path, tiny):
 
 @pytest.fixture
 def clean(tmp_path):
-    """Six 1 s clips with codes and a writer of cloning records over them."""
+    """A folder of six 1 s clips c0..c5.wav with codes."""
     for i in range(6):
         write_clip(str(tmp_path / f"c{i}.wav"), seed=i)
-
-    def record(ref=0, tgt=1, **over):
-        r = chatml(f"Reference sentence {ref}.", f"c{ref}.wav", f"Target sentence {tgt}.", f"c{tgt}.wav")
-        r.update(over)
-        return r
-    return tmp_path, record
+    return tmp_path
 
 
-def one_invalid(path, tiny, index=1, max_seq_len=4096):
+def cloning(ref=0, tgt=1, **over):
+    """A valid cloning record over the clips of `clean`."""
+    return chatml(f"Reference sentence {ref}.", f"c{ref}.wav", f"Target sentence {tgt}.",
+                  f"c{tgt}.wav") | over
+
+
+def with_turn(k, message):
+    """A cloning record whose message k is replaced."""
+    messages = cloning()["messages"]
+    messages[k] = message
+    return cloning(messages=messages)
+
+
+def one_invalid(path, tiny, max_seq_len=4096):
+    """The reason of the one invalid record, which must be record 1."""
     samples, invalid = load_dataset(str(path), *tiny, max_seq_len=max_seq_len)
-    assert [x.index for x in invalid] == [index], [x.reason for x in invalid]
+    assert [x.index for x in invalid] == [1], [x.reason for x in invalid]
     return invalid[0].reason
 
 
-def audio_msg(url, **kw):
-    return {"role": "assistant", "content": {"type": "audio", "audio_url": url, **kw}}
-
-
 BAD_RECORDS = {  # name -> (record 1 of three, words its error must hold)
-    "no trainable audio": (lambda r: r(start_index=5), ["no trainable assistant audio", "start_index 5"]),
-    "text-only record": (lambda r: {"messages": [{"role": "user", "content": "Hi."},
-                                                 {"role": "assistant", "content": "Hello."}]},
-                         ["no trainable assistant audio", "Missing required message types"]),
-    "assistant first": (lambda r: {"messages": [audio_msg("c1.wav")]}, ["messages[0]", "user turn"]),
-    "late system": (lambda r: {"messages": r()["messages"][1:3] + [{"role": "system", "content": "x"}]
-                               + r()["messages"][3:]}, ["messages[2]", "system prompt can only come first"]),
-    "empty text": (lambda r: r(messages=r()["messages"][:3] + [{"role": "user", "content": "  "}]
-                               + r()["messages"][4:]), ["messages[3].content", "empty text"]),
-    "missing audio": (lambda r: r(messages=r()["messages"][:4] + [audio_msg("nope.wav")]),
+    "nothing trained": (cloning(start_index=5),
+                        ["no trainable assistant audio or text", "start_index 5", "lower start_index"]),
+    "no assistant turn": ({"messages": [user("Hi.")]}, ["Missing required message types"]),
+    "assistant first": ({"messages": [audio_msg("c1.wav")]}, ["messages[0]", "user turn"]),
+    "late system": (with_turn(2, {"role": "system", "content": "Be brief."}),
+                    ["messages[2]", "system prompt can only come first"]),
+    "empty text": (with_turn(3, user("  ")), ["messages[3].content", "empty text"]),
+    "missing audio": (with_turn(4, audio_msg("nope.wav")),
                       ["messages[4].content", "nope.wav not found"]),
-    "bad offset": (lambda r: r(messages=r()["messages"][:4] + [audio_msg("c1.wav", offset="1")]),
+    "bad offset": (with_turn(4, audio_msg("c1.wav", offset="1")),
                    ["messages[4].content.offset", "seconds"]),
-    "offset past the end": (lambda r: r(messages=r()["messages"][:4] + [audio_msg("c1.wav", offset=5.0)]),
+    "offset past the end": (with_turn(4, audio_msg("c1.wav", offset=5.0)),
                             ["messages[4].content", "window", "holds no audio"]),
-    "raw_audio not base64": (lambda r: r(messages=r()["messages"][:4] + [
-        {"role": "assistant", "content": {"type": "audio", "raw_audio": "@@@"}}]), ["not base64"]),
-    "bad start_index": (lambda r: r(start_index="4"), ["start_index must be"]),
-    "unknown role": (lambda r: {"messages": [{"role": "bot", "content": "x"}]}, ["messages[0].role", "'bot'"]),
+    "raw_audio not base64": (with_turn(4, {"role": "assistant", "content": {
+        "type": "audio", "raw_audio": "@@@"}}), ["messages[4].content", "not base64"]),
+    "bad start_index": (cloning(start_index="4"), ["start_index must be"]),
+    "unknown role": (with_turn(1, {"role": "bot", "content": "x"}), ["messages[1].role", "'bot'"]),
 }
 
 
 @pytest.mark.parametrize("name", BAD_RECORDS)
 def test_bad_chatml_record_names_record_and_field(clean, tiny, name):
-    folder, record = clean
-    make, words = BAD_RECORDS[name]
-    path = write_lines(folder / "d.jsonl", [record(), make(record), record(2, 3)])
+    bad, words = BAD_RECORDS[name]
+    path = write_lines(clean / "d.jsonl", [cloning(), bad, cloning(2, 3)])
     reason = one_invalid(path, tiny)
-    assert reason.startswith(f"{path}:2 (record 1): ")
+    assert reason.startswith(f"{path}:2 (record 1): "), reason
     for w in words:
         assert w in reason, reason
 
 
-BAD_FILES = {  # name -> (write the bad file(s) that record 1 uses as its target, words)
-    "unreadable audio": (lambda p: p.write_bytes(b"RIFF not really a wav"), ["cannot read audio", "WAV or FLAC"]),
-    "empty audio": (lambda p: sf.write(str(p), np.zeros((0, 1), np.float32), 24000), ["is empty"]),
-    "missing codes": (lambda p: write_clip(str(p), codes=False), ["codes", "not found",
-                                                                 "python data.py prepare"]),
-    "wrong codebook count": (lambda p: (write_clip(str(p)), np.save(codes_path(str(p)), np.zeros((4, 25), int))),
-                             ["4 codebooks", "needs 8"]),
-    "codes out of range": (lambda p: (write_clip(str(p)), np.save(codes_path(str(p)), np.full((8, 25), 40))),
-                           ["outside [0, 32)"]),
-    "codes not integers": (lambda p: (write_clip(str(p)), np.save(codes_path(str(p)), np.zeros((8, 25)))),
-                           ["integer array"]),
-    "unreadable codes": (lambda p: (write_clip(str(p)), open(codes_path(str(p)), "w").write("x")),
-                         ["cannot read codes"]),
-    "frames vs duration": (lambda p: write_clip(str(p), frames=31), ["31 frames", "gives 25", "delete it"]),
+def sidecar(codes):
+    """A writer of a clip whose sidecar holds `codes`."""
+    return lambda path: (write_clip(path), np.save(codes_path(path), codes))
+
+
+BAD_FILES = {  # name -> (writer of the target audio of record 1, words its error must hold)
+    "unreadable audio": (lambda p: open(p, "wb").write(b"RIFF, not really"),
+                         ["cannot read audio", "WAV"]),
+    "empty audio": (lambda p: sf.write(p, np.zeros((0, 1), np.float32), 24000), ["is empty"]),
+    "missing codes": (lambda p: write_clip(p, codes=False),
+                      ["codes", "not found", "python data.py prepare"]),
+    "wrong codebook count": (sidecar(np.zeros((4, 25), int)), ["4 codebooks", "needs 8"]),
+    "codes out of range": (sidecar(np.full((8, 25), 40)), ["outside [0, 32)"]),
+    "codes not integers": (sidecar(np.zeros((8, 25))), ["integer array"]),
+    "unreadable codes": (sidecar(np.array([{}])), ["cannot read codes"]),
+    "frames vs duration": (lambda p: write_clip(p, frames=31),
+                           ["31 frames", "gives 25", "delete it"]),
 }
 
 
 @pytest.mark.parametrize("name", BAD_FILES)
 def test_bad_audio_or_codes_names_record_and_field(clean, tiny, name):
-    folder, record = clean
-    make, words = BAD_FILES[name]
-    make(folder / "bad.wav")
-    bad = record(messages=record()["messages"][:4] + [audio_msg("bad.wav")])
-    path = write_lines(folder / "d.jsonl", [record(), bad, record(2, 3)])
+    write, words = BAD_FILES[name]
+    write(str(clean / "bad.wav"))
+    path = write_lines(clean / "d.jsonl", [cloning(), with_turn(4, audio_msg("bad.wav")),
+                                           cloning(2, 3)])
     reason = one_invalid(path, tiny)
     assert reason.startswith(f"{path}:2 (record 1): messages[4].content: "), reason
     for w in words:
@@ -230,61 +269,37 @@ def test_bad_audio_or_codes_names_record_and_field(clean, tiny, name):
 
 
 def test_too_long_after_expansion(clean, tiny):
-    folder, record = clean
-    write_clip(str(folder / "long.wav"), seconds=6.0)
-    path = write_lines(folder / "d.jsonl", [record(), record(messages=record()["messages"][:4] + [
-        audio_msg("long.wav")]), record(2, 3)])
+    write_clip(str(clean / "long.wav"), seconds=6.0)
+    path = write_lines(clean / "d.jsonl", [cloning(), with_turn(4, audio_msg("long.wav")),
+                                           cloning(2, 3)])
     reason = one_invalid(path, tiny, max_seq_len=200)
     assert "more than --max_seq_len 200" in reason and "split" in reason
 
 
-BAD_CONVERTED = {  # name -> (file name, content with record 1 bad, words)
-    "flat without text": ("f.jsonl", [{"audio": "c0.wav", "text": "A."}, {"audio": "c1.wav"},
-                                      {"audio": "c2.wav", "text": "C."}], ["no target text", "\"text\""]),
-    "flat empty text": ("f.jsonl", [{"audio": "c0.wav", "text": "A."}, {"audio": "c1.wav", "text": " "},
-                                    {"audio": "c2.wav", "text": "C."}], ["\"text\" is empty"]),
-    "flat half a reference": ("f.jsonl", [{"audio": "c0.wav", "text": "A.", "ref_audio": "c1.wav",
-                                           "ref_text": "B."}, {"audio": "c1.wav", "text": "B.", "ref_audio": "c0.wav"},
-                                          {"audio": "c2.wav", "text": "C.", "ref_audio": "c1.wav", "ref_text": "B."}],
+BAD_CONVERTED = {  # name -> (maker of the good records 0 and 2, bad record 1, words)
+    "flat without text": (flat, {"audio": "c1.wav"}, ["no target text", "add \"text\""]),
+    "flat empty text": (flat, flat(1, text=" "), ["\"text\" is empty"]),
+    "flat half a reference": (flat, flat(1, ref_audio="c0.wav"),
                               ["has a ref_audio but no ref_text"]),
-    "flat missing reference audio": ("f.jsonl", [{"audio": "c0.wav", "text": "A.", "ref_audio": "c1.wav",
-                                                  "ref_text": "B."}, {"audio": "c1.wav", "text": "B.", "ref_audio": "x.wav",
-                                                                      "ref_text": "Y."},
-                                                 {"audio": "c2.wav", "text": "C.", "ref_audio": "c1.wav", "ref_text": "B."}],
+    "flat missing reference audio": (flat, flat(1, ref_audio="x.wav", ref_text="Y."),
                                      ["\"ref_audio\": audio file", "x.wav not found"]),
-    "speaker with one clip": ("f.jsonl", [{"audio": "c0.wav", "text": "A.", "speaker": "a"},
-                                          {"audio": "c1.wav", "text": "B.", "speaker": "solo"},
-                                          {"audio": "c2.wav", "text": "C.", "speaker": "a"}],
+    "speaker with one clip": (lambda i: flat(i, speaker="a"), flat(1, speaker="solo"),
                               ["speaker 'solo' has no other clip", "ref_audio"]),
-    "swift tags vs audios": ("s.jsonl", [{"messages": [{"role": "user", "content": "Say it."},
-                                                       {"role": "assistant", "content": "<audio>"}], "audios": ["c0.wav"]},
-                                         {"messages": [{"role": "user", "content": "Say it."},
-                                                       {"role": "assistant", "content": "<audio>"}], "audios": ["c1.wav", "c2.wav"]},
-                                         {"messages": [{"role": "user", "content": "Say it."},
-                                                       {"role": "assistant", "content": "<audio>"}], "audios": ["c2.wav"]}],
+    "swift tags vs audios": (lambda i: swift([f"c{i}.wav"]), swift(["c1.wav", "c2.wav"]),
                              ["\"audios\" has 2 paths", "1 <audio> tags"]),
-    "sharegpt unknown speaker role": ("g.jsonl", [{"conversations": [{"from": "human", "value": "Hi."},
-                                                                     {"from": "gpt", "value": "<audio>"}], "audios": ["c0.wav"]},
-                                                  {"conversations": [{"from": "narrator", "value": "Hi."},
-                                                                     {"from": "gpt", "value": "<audio>"}], "audios": ["c1.wav"]},
-                                                  {"conversations": [{"from": "human", "value": "Hi."},
-                                                                     {"from": "gpt", "value": "<audio>"}], "audios": ["c2.wav"]}],
-                                      ["conversations[0].from is 'narrator'"]),
-    "sharegpt empty text": ("g.jsonl", [{"conversations": [{"from": "human", "value": "Hi."},
-                                                           {"from": "gpt", "value": "<audio>"}], "audios": ["c0.wav"]},
-                                        {"conversations": [{"from": "human", "value": ""},
-                                                           {"from": "gpt", "value": "<audio>"}], "audios": ["c1.wav"]},
-                                        {"conversations": [{"from": "human", "value": "Hi."},
-                                                           {"from": "gpt", "value": "<audio>"}], "audios": ["c2.wav"]}],
+    "swift tag without audio": (lambda i: swift([f"c{i}.wav"]), swift([], "<audio> <audio>"),
+                                ["messages[1] has more <audio> tags than the 0 paths"]),
+    "sharegpt unknown role": (sharegpt, sharegpt(1, who="narrator"),
+                              ["conversations[0].from is 'narrator'"]),
+    "sharegpt empty text": (sharegpt, sharegpt(1, text=""),
                             ["conversations[0].value is empty text"]),
 }
 
 
 @pytest.mark.parametrize("name", BAD_CONVERTED)
 def test_bad_converted_record_names_the_users_field(clean, tiny, name):
-    folder, _ = clean
-    file, objs, words = BAD_CONVERTED[name]
-    path = write_lines(folder / file, objs)
+    good, bad, words = BAD_CONVERTED[name]
+    path = write_lines(clean / "d.jsonl", [good(0), bad, good(2)])
     reason = one_invalid(path, tiny)
     assert reason.startswith(f"{path}:2 (record 1): "), reason
     for w in words:
@@ -292,24 +307,17 @@ def test_bad_converted_record_names_the_users_field(clean, tiny, name):
 
 
 def test_bad_json_line_and_folder_clip(clean, tiny):
-    folder, record = clean
-    path = folder / "d.jsonl"
-    path.write_text(json.dumps(record()) + "\n\n" + '{"messages": [}\n' + json.dumps(record(2, 3)) + "\n")
+    path = clean / "d.jsonl"
+    path.write_text(lines(cloning()) + "\n" + '{"messages": [}\n' + lines(cloning(2, 3)))
     reason = one_invalid(path, tiny)
     assert reason.startswith(f"{path}:3 (record 1): invalid JSON at column 15"), reason
-    voices = folder / "voices" / "amy"
+    voices = clean / "voices" / "amy"
     for i in range(3):
         write_clip(str(voices / f"a{i}.wav"), seed=i)
         if i != 1:
             (voices / f"a{i}.txt").write_text("Some words.")
-    reason = one_invalid(folder / "voices", tiny)
+    reason = one_invalid(clean / "voices", tiny)
     assert reason.startswith(f"{voices / 'a1.wav'} (record 1): no transcript a1.txt"), reason
-
-
-def cli(argv, capsys):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.mark.parametrize("content,words", [
@@ -332,56 +340,52 @@ def test_unusable_input_exits_2_with_a_message(tmp_path, capsys, content, words)
 
 def test_unusable_paths_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    empty, demo = str(tmp_path / "empty"), os.path.join(DEMO_DATA, "train.jsonl")
     for argv, words in [(["check", str(tmp_path / "nope.jsonl")], "no such file"),
-                        (["check", str(tmp_path / "empty")], "no audio clips found"),
-                        (["check", str(tmp_path / "empty"), "--format", "flat"], "not a folder"),
-                        (["check", os.path.join(DEMO_DATA, "train.jsonl"), "--model", str(tmp_path)],
-                         "config.json not found"),
-                        (["prepare", os.path.join(DEMO_DATA, "train.jsonl"), "--tokenizer", str(tmp_path)],
-                         "config.json not found")]:
+                        (["check", empty], "no audio clips found"),
+                        (["check", empty, "--format", "flat"], "not a folder"),
+                        (["check", demo, "--model", empty], "config.json not found"),
+                        (["prepare", demo, "--tokenizer", empty], "config.json not found")]:
         rc, out, err = cli(argv, capsys)
         assert rc == 2 and err.startswith("error: ") and words in err, err
 
 
 ODD_BUT_VALID = {  # file name -> content; each must pass `check --model tiny`
-    "bom.jsonl": "\ufeff" + json.dumps(chatml("Ref.", "c0.wav", "Target.", "c1.wav")) + "\n",
-    "crlf.jsonl": 2 * (json.dumps(chatml("Ref.", "c0.wav", "Target.", "c1.wav")) + "\r\n\r\n"),
-    "u2028.jsonl": 2 * (json.dumps(chatml("Ref.\u2028", "c0.wav", "Target.", "c1.wav"), ensure_ascii=False) + "\n"),
-    "one_object.json": json.dumps(chatml("Ref.", "c0.wav", "Target.", "c1.wav"), indent=2),
-    "offset.jsonl": json.dumps({"messages": [{"role": "user", "content": "Say it."},
-                                             audio_msg("c1.wav", offset=0.2, duration=0.5)]}) + "\n",
+    "bom.jsonl": "\ufeff" + lines(cloning()),
+    "crlf.jsonl": lines(cloning(), cloning(2, 3)).replace("\n", "\r\n\r\n"),
+    "u2028.jsonl": lines(cloning(), cloning(2, 3) | {"speaker": "a\u2028b"}, ensure_ascii=False),
+    "one_object.json": json.dumps(cloning(), indent=2),
+    "offset.jsonl": lines({"messages": [user("Say it."),
+                                        audio_msg("c1.wav", offset=0.2, duration=0.5)]}),
     "metadata.csv": "file|text\nc0.wav|Zero.\nc1.wav|One.\n",
-    "numeric_speaker.jsonl": json.dumps({"text": "A.", "audio": "c0.wav", "speaker_id": 3}) + "\n"
-                             + json.dumps({"text": "B.", "audio": "c1.wav", "speaker_id": 3}) + "\n",
+    "numeric_speaker.jsonl": lines(flat(0, speaker_id=3), flat(1, speaker_id=3)),
 }
-ODD_AND_INVALID = {  # each is rejected with a message (exit 1), never a traceback
-    "scalar.jsonl": '5\n{"messages": [{"role": "user", "content": "x"}, ' + json.dumps(audio_msg("c1.wav")) + ']}\n',
-    "content_number.jsonl": '{"messages": [{"role": "user", "content": 5}]}\n',
-    "audio_no_url.jsonl": '{"messages": [{"role": "user", "content": [{"type": "audio"}]}]}\n',
-    "messages_string.jsonl": '{"messages": "hello"}\n',
-    "audio_number.jsonl": '{"audio": 5, "text": "x"}\n',
-    "audios_number.jsonl": '{"messages": [{"role": "user", "content": "<audio>"}], "audios": 3}\n',
-    "conversations_string.jsonl": '{"conversations": "x"}\n',
-    "duration_zero.jsonl": json.dumps({"messages": [{"role": "user", "content": "x"},
-                                                    audio_msg("c1.wav", duration=0)]}) + "\n",
-    "raw_audio_no_codes.jsonl": json.dumps({"messages": [{"role": "user", "content": "x"}, {
-        "role": "assistant", "content": {"type": "audio", "raw_audio": "UklGRg=="}}]}) + "\n",
-    "chatml_forced_audios.jsonl": None,
+ODD_AND_INVALID = {  # each is rejected (exit 1) with a message naming record 0, never a traceback
+    "scalar.jsonl": "5\n" + lines(cloning()),
+    "content_number.jsonl": lines({"messages": [user(5)]}),
+    "audio_no_url.jsonl": lines({"messages": [user([{"type": "audio"}])]}),
+    "messages_string.jsonl": lines({"messages": "hello"}),
+    "audio_number.jsonl": lines({"audio": 5, "text": "x"}),
+    "audios_number.jsonl": lines({"messages": [user("<audio>")], "audios": 3}),
+    "conversations_string.jsonl": lines({"conversations": "x"}),
+    "duration_zero.jsonl": lines(with_turn(4, audio_msg("c1.wav", duration=0))),
+    "raw_audio_no_codes.jsonl": lines(with_turn(4, {"role": "assistant", "content": {
+        "type": "audio", "raw_audio": "UklGRg=="}})),
     "csv_no_text.csv": "c0.wav\nc1.wav|One.\nc2.wav|Two.\n",
 }
 
 
 def test_odd_inputs_never_traceback(clean, capsys):
-    folder, _ = clean
     for name, content in ODD_BUT_VALID.items():
-        (folder / name).write_text(content, encoding="utf-8")
-        rc, out, err = cli(["check", str(folder / name), "--model", "tiny"], capsys)
+        (clean / name).write_text(content, encoding="utf-8")
+        rc, out, err = cli(["check", str(clean / name), "--model", "tiny"], capsys)
         assert rc == 0, (name, out, err)
-    for name, content in ODD_AND_INVALID.items():
-        (folder / name).write_text(content or '{"messages": [], "audios": ["c0.wav"]}\n', encoding="utf-8")
-        fmt = ["--format", "chatml"] if content is None else []
-        rc, out, err = cli(["check", str(folder / name)] + fmt, capsys)
-        assert rc == 1 and "invalid (1;" in out and "record 0" in out, (name, out, err)
+    (clean / "forced.jsonl").write_text(lines(swift(["c0.wav"])))
+    for name, fmt in [(n, "auto") for n in ODD_AND_INVALID] + [("forced.jsonl", "chatml")]:
+        if name in ODD_AND_INVALID:
+            (clean / name).write_text(ODD_AND_INVALID[name], encoding="utf-8")
+        rc, out, err = cli(["check", str(clean / name), "--format", fmt], capsys)
+        assert rc == 1 and "invalid (1;" in out and "(record 0): " in out, (name, out, err)
 
 
 def test_cli_in_a_subprocess_prints_no_traceback(tmp_path):
@@ -397,61 +401,66 @@ def test_cli_in_a_subprocess_prints_no_traceback(tmp_path):
 
 
 def test_check_report_counts_and_flags(clean, capsys):
-    folder, record = clean
-    write_clip(str(folder / "loud.wav"), amplitude=4.0, seed=7)  # clipped when written as PCM
-    write_clip(str(folder / "quiet.wav"), amplitude=0.001, seed=8)
-    write_clip(str(folder / "stereo.wav"), seconds=1.5, sr=44100, channels=2, seed=9)
-    normal = [chatml("Fifteen letters.", f"c{i}.wav", "Fifteen letters.", f"c{i + 1}.wav", "s") for i in range(5)]
-    wrong = chatml("Fifteen letters.", "c0.wav", "A transcript far too long for one second of speech. " * 3,
+    write_clip(str(clean / "loud.wav"), amplitude=4.0, seed=7)  # clipped when written as PCM
+    write_clip(str(clean / "quiet.wav"), amplitude=0.001, seed=8)
+    write_clip(str(clean / "stereo.wav"), seconds=1.5, sr=44100, channels=2, seed=9)
+    normal = [chatml("Fifteen letters.", f"c{i}.wav", "Fifteen letters.", f"c{i + 1}.wav", "s")
+              for i in range(5)]
+    wrong = chatml("Fifteen letters.", "c0.wav", "Far too long a transcript for 1 s of speech. " * 3,
                    "c5.wav", "s")
     odd = [chatml("Fifteen letters.", "c0.wav", "Fifteen letters.", f"{n}.wav", "t")
            for n in ("loud", "quiet", "stereo")]
-    path = write_lines(folder / "d.jsonl", normal + [wrong] + odd)
+    text_only = {"messages": [user("Hi."), {"role": "assistant", "content": "Hello."}]}
+    path = write_lines(clean / "d.jsonl", normal + [wrong] + odd + [text_only])
     rc, out, err = cli(["check", path], capsys)
     assert rc == 0, out + err
-    assert f"{path}: chatml format, 9 records: 9 valid, 0 invalid" in out
-    assert "speakers: 2 (s: 6, t: 3)" in out
+    assert f"{path}: chatml format, 10 records: 10 valid, 0 invalid" in out
+    assert "speakers: 3 (s: 6, t: 3, (unnamed): 1)" in out
+    assert f"{path}:10 (record 9): trains text only" in out
     assert "target audio: 0.00 h (9.5 s)" in out
     assert "audio files: 9 (24000 Hz: 8, 44100 Hz: 1; 1 multi-channel" in out
     assert "codes: 8 codebooks of 1024 values" in out and "not checked (pass --model" in out
-    assert f"{path}:6 (record 5): speaking rate 155.0 characters/s, 9.7x the median 16.0" in out
+    assert f"{path}:6 (record 5): speaking rate 134.0 characters/s, 8.4x the median 16.0" in out
     assert "loud.wav (used by" in out and "clipped" in out
     assert "quiet.wav (used by" in out and "near-silent" in out
     rc, out, err = cli(["check", path, "--model", "tiny"], capsys)
     assert rc == 0 and "codes: 8 codebooks of 32 values, checked against --model tiny" in out
-    assert "sequence length after audio expansion: min 1" in out
-    np.save(codes_path(str(folder / "c3.wav")), np.zeros((12, 25), int))  # one sidecar disagrees
+    assert "sequence length after audio expansion: min " in out
+    np.save(codes_path(str(clean / "c3.wav")), np.zeros((12, 25), int))  # one sidecar disagrees
     rc, out, err = cli(["check", path], capsys)
-    assert rc == 0 and "sidecars disagree on the codebook count: 8 codebooks: 8 files, 12 codebooks: 1 files" in out
-    os.remove(codes_path(str(folder / "c1.wav")))
+    assert rc == 0 and "disagree on the codebook count: 8 codebooks: 8 files, 12 codebooks: 1" in out
+    os.remove(codes_path(str(clean / "c1.wav")))
     rc, out, err = cli(["check", path], capsys)
-    assert rc == 1 and "7 valid, 2 invalid" in out and "invalid (2; training stops" in out
+    assert rc == 1 and "8 valid, 2 invalid" in out and "invalid (2; training stops" in out
     assert f"{path}:1 (record 0): messages[4].content: audio codes" in out
     assert f"{path}:2 (record 1): messages[2].content: audio codes" in out
 
 
 def test_skip_invalid_drops_exactly_the_bad_records(clean, tiny):
-    folder, record = clean
-    objs = [record(0, 1), record(1, 2, start_index=9), record(2, 3), record(3, 4, messages=[]), record(4, 5)]
-    path = write_lines(folder / "d.jsonl", objs)
-    cfg = train_mod.TrainConfig(output_dir=str(folder / "run"))
+    objs = [cloning(0, 1), cloning(1, 2, start_index=9), cloning(2, 3), cloning(3, 4, messages=[]),
+            cloning(4, 5)]
+    path = write_lines(clean / "d.jsonl", objs)
+    cfg = train_mod.TrainConfig(output_dir=str(clean / "run"))
     with pytest.raises(DataError) as e:
         train_mod.load_samples(path, *tiny, cfg)
-    assert f"{path}: 2 of 5 records are invalid" in str(e.value) and "--skip_invalid" in str(e.value)
-    assert f"{path}:2 (record 1)" in str(e.value) and f"{path}:4 (record 3)" in str(e.value)
+    message = str(e.value)
+    assert f"{path}: 2 of 5 records are invalid" in message and "--skip_invalid" in message
+    assert f"{path}:2 (record 1)" in message and f"{path}:4 (record 3)" in message
     assert not os.path.exists(cfg.output_dir)
 
     cfg.skip_invalid = True
     samples = train_mod.load_samples(path, *tiny, cfg)
-    same_samples(samples, samples_of(write_lines(folder / "good.jsonl", objs[::2]), tiny))
-    other = write_lines(folder / "eval.jsonl", [record(), {"messages": [{"role": "user", "content": "x"}]}])
+    same_samples(samples, samples_of(write_lines(clean / "good.jsonl", objs[::2]), tiny))
+    other = write_lines(clean / "eval.jsonl", [cloning(), {"messages": [user("x")]}])
     train_mod.load_samples(other, *tiny, cfg)
     train_mod.load_samples(path, *tiny, cfg)  # rerun: its lines are replaced, the eval lines kept
     with open(os.path.join(cfg.output_dir, "skipped_records.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [(r["data"], r["index"], r["source"]) for r in rows] == [
-        (other, 1, f"{other}:2 (record 1)"), (path, 1, f"{path}:2 (record 1)"), (path, 3, f"{path}:4 (record 3)")]
-    assert "no trainable assistant audio" in rows[1]["reason"] and "\"messages\" is empty" in rows[2]["reason"]
+        (other, 1, f"{other}:2 (record 1)"), (path, 1, f"{path}:2 (record 1)"),
+        (path, 3, f"{path}:4 (record 3)")]
+    assert "no trainable assistant audio or text" in rows[1]["reason"]
+    assert "\"messages\" is empty" in rows[2]["reason"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,53 +500,53 @@ def audio_tokenizer(tmp_path_factory):
     return path
 
 
-def test_prepare_writes_codes_for_any_sample_rate_and_resumes(tmp_path, tiny, audio_tokenizer, capsys):
+def test_prepare_writes_codes_for_any_rate_and_resumes(tmp_path, tiny, audio_tokenizer, capsys):
     from transformers import HiggsAudioV2TokenizerModel
 
-    # four rates at 12000 samples of 24 kHz (one batch), two 24100-sample clips (25 frames, floor)
+    # four rates at 12000 samples of 24 kHz (one batch), two of 24100 samples (25 frames, floor)
     clips = {"r16.wav": (0.5, 16000, 1), "r22.wav": (0.5, 22050, 2), "r44.wav": (0.5, 44100, 2),
              "r48.wav": (0.5, 48000, 1), "same1.wav": (24100 / 24000, 24000, 1),
              "same2.wav": (24100 / 24000, 24000, 1)}
+    wav = {name: str(tmp_path / "v" / name) for name in clips}
     for i, (name, (sec, sr, ch)) in enumerate(clips.items()):
-        write_clip(str(tmp_path / "v" / name), sec, sr, ch, codes=False, seed=i)
-    data_path = write_lines(tmp_path / "d.jsonl", [{"text": f"Clip {n}.", "audio": f"v/{n}"} for n in clips])
-    assert main(["check", data_path]) == 1
-    rc, out, err = cli(["prepare", data_path, "--tokenizer", audio_tokenizer, "--device", "cpu",
-                        "--write_chatml"], capsys)
+        write_clip(wav[name], sec, sr, ch, codes=False, seed=i)
+    data = write_lines(tmp_path / "d.jsonl", [{"text": f"Clip {n}.", "audio": f"v/{n}"} for n in clips])
+    prepare = ["prepare", data, "--tokenizer", audio_tokenizer, "--device", "cpu"]
+    assert main(["check", data]) == 1
+    rc, out, err = cli(prepare + ["--write_chatml"], capsys)
     assert rc == 0 and "6 audio files, 0 with valid codes already, 6 to encode" in out, out + err
-    codes = {}
+    codes = {name: np.load(codes_path(wav[name])) for name in clips}
     for name, (sec, sr, ch) in clips.items():
-        n = sf.info(str(tmp_path / "v" / name)).frames
-        c = np.load(codes_path(str(tmp_path / "v" / name)))
-        assert c.shape == (8, expected_frames(n, sr)) and c.dtype == np.int16 and 0 <= c.min() <= c.max() < 32
-        codes[name] = c
+        c = codes[name]
+        assert c.shape == (8, expected_frames(sf.info(wav[name]).frames, sr)), name
+        assert c.dtype == np.int16 and 0 <= c.min() <= c.max() < 32
     assert codes["r16.wav"].shape[1] == 13 and codes["same1.wav"].shape[1] == 25
     assert len(np.unique(codes["same1.wav"])) > 4
     # clips encoded in one batch get the codes they get alone
     model = HiggsAudioV2TokenizerModel.from_pretrained(audio_tokenizer).eval()
-    wav, _ = sf.read(str(tmp_path / "v" / "same2.wav"), dtype="float32")
     with torch.no_grad():
-        alone = model.encode(torch.from_numpy(wav)[None, None], return_dict=False)[0].numpy()
-    assert np.array_equal(alone, codes["same2.wav"])
+        x = torch.from_numpy(sf.read(wav["same2.wav"], dtype="float32")[0])[None, None]
+        assert np.array_equal(model.encode(x, return_dict=False)[0].numpy(), codes["same2.wav"])
 
-    mtimes = {n: os.stat(codes_path(str(tmp_path / "v" / n))).st_mtime_ns for n in clips}
-    np.save(codes_path(str(tmp_path / "v" / "r16.wav")), codes["r16.wav"][:, :-3])  # stale
-    rc, out, err = cli(["prepare", data_path, "--tokenizer", audio_tokenizer, "--device", "cpu"], capsys)
+    mtimes = {name: os.stat(codes_path(wav[name])).st_mtime_ns for name in clips}
+    np.save(codes_path(wav["r16.wav"]), codes["r16.wav"][:, :-3])  # stale: re-encoded
+    rc, out, err = cli(prepare, capsys)
     assert rc == 0 and "6 audio files, 5 with valid codes already, 1 to encode" in out
-    assert np.array_equal(np.load(codes_path(str(tmp_path / "v" / "r16.wav"))), codes["r16.wav"])
-    assert all(os.stat(codes_path(str(tmp_path / "v" / n))).st_mtime_ns == mtimes[n] for n in clips if n != "r16.wav")
+    assert np.array_equal(np.load(codes_path(wav["r16.wav"])), codes["r16.wav"])
+    assert all(os.stat(codes_path(wav[n])).st_mtime_ns == mtimes[n] for n in clips if n != "r16.wav")
 
-    assert main(["check", data_path, "--model", "tiny"]) == 0
-    same_samples(samples_of(str(tmp_path / "d.chatml.jsonl"), tiny), samples_of(data_path, tiny))
+    assert main(["check", data, "--model", "tiny"]) == 0
+    same_samples(samples_of(tmp_path / "d.chatml.jsonl", tiny), samples_of(data, tiny))
 
 
 def test_prepare_reports_files_it_cannot_encode(tmp_path, audio_tokenizer, capsys):
     write_clip(str(tmp_path / "ok.wav"), codes=False)
     write_clip(str(tmp_path / "tiny.wav"), seconds=0.003, codes=False)
     (tmp_path / "broken.wav").write_bytes(b"RIFF....")
-    path = write_lines(tmp_path / "d.jsonl", [{"text": "Ok.", "audio": "ok.wav"}, {"text": "Short.", "audio": "tiny.wav"},
-                                              {"text": "Broken.", "audio": "broken.wav"},
-                                              {"text": "Missing.", "audio": "missing.wav"}, {"text": "x"}])
+    path = write_lines(tmp_path / "d.jsonl", [
+        {"text": "Ok.", "audio": "ok.wav"}, {"text": "Short.", "audio": "tiny.wav"},
+        {"text": "Broken.", "audio": "broken.wav"}, {"text": "Missing.", "audio": "missing.wav"},
+        {"text": "No audio."}])
     rc, out, err = cli(["prepare", path, "--tokenizer", audio_tokenizer, "--device", "cpu"], capsys)
     assert rc == 1 and "1 encoded, 3 failed, 1 records skipped" in out, out + err
     assert "tiny.wav: 3.0 ms is shorter than one 40 ms frame" in out
