@@ -305,7 +305,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, kv: "LayerKV | None" = None):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -313,6 +313,8 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if kv is not None:  # generation: attend over every position run so far (mask is explicit)
+            k, v = kv.append(k, v)
         # Right-padded rows need no mask: causal attention never reaches the trailing padding.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
@@ -343,8 +345,9 @@ class DecoderLayer(nn.Module):
             self.audio_input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.audio_post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, text_index, audio_index, ff_mask):
-        """text_index/audio_index: flat positions of each path (None when there is no audio)."""
+    def forward(self, h, cos, sin, text_index, audio_index, ff_mask, mask=None, kv=None):
+        """text_index/audio_index: flat positions of each path (None when there is no audio).
+        Generation passes an explicit attention `mask` and the layer's `kv` cache."""
         B, L, D = h.shape
         routed = audio_index is not None
         dual = self.kind == "dual" and routed
@@ -356,7 +359,7 @@ class DecoderLayer(nn.Module):
         else:
             normed = self.input_layernorm(h)
         skip_audio = self.kind == "fast_forward" and routed
-        h2 = h + self.self_attn(normed, cos, sin, ff_mask if skip_audio else None)
+        h2 = h + self.self_attn(normed, cos, sin, ff_mask if skip_audio else mask, kv)
         flat2 = h2.reshape(-1, D)
         if dual:
             text = self.mlp(self.post_attention_layernorm(flat2[text_index]))
@@ -538,6 +541,27 @@ class HiggsAudioModel(nn.Module):
                 h = layer(*args)
         return self.norm(h)
 
+    def forward_cached(self, h, position_ids, audio_mask, valid, cache: "KVCache") -> torch.Tensor:
+        """Generation: run new positions (B, Lq) of input embeddings `h` after those already in
+        `cache`, which keeps their keys and values; final normed hidden states (B, Lq, D). Each
+        position attends to every earlier `valid` one and itself, so right-padded prompts and
+        finished rows (their positions invalid) never disturb the others. The layers run
+        uncompiled: compile_layers traced them for training and would recompile every step."""
+        cache.extend(valid, audio_mask)
+        Lq, Lk = h.shape[1], cache.valid.shape[1]
+        keys = torch.arange(Lk, device=h.device)
+        queries = keys[Lk - Lq:, None]
+        own = keys == queries
+        mask = ((keys < queries) & cache.valid[:, None, :]) | own  # (B, Lq, Lk)
+        ff_mask = mask & (~cache.audio[:, None, :] | own)  # fast-forward: text never sees audio
+        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
+        flat = audio_mask.reshape(-1)
+        audio_index, text_index = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+        for layer, kv in zip(self.layers, cache.layers):
+            h = layer.forward(h, cos, sin, text_index, audio_index, ff_mask[:, None],
+                              mask[:, None], kv)
+        return self.norm(h)
+
     # heads, applied by loss.py / evaluation only where needed
     def text_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         return self.audio_decoder_proj.text_lm_head(hidden_rows)
@@ -555,6 +579,32 @@ def fast_forward_mask(audio_mask: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(L, L, dtype=torch.bool, device=audio_mask.device).tril()
     eye = torch.eye(L, dtype=torch.bool, device=audio_mask.device)
     return (causal & (~audio_mask[:, None, :] | eye))[:, None]
+
+
+class LayerKV:
+    """One layer's keys and values (B, kv_heads, T, head_dim) of the positions run so far."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """Generation state of the backbone: each layer's keys and values, which cached positions
+    are real (padding is never attended) and which are audio codes (hidden from text queries in
+    fast-forward layers)."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerKV() for _ in range(num_layers)]
+        self.valid = self.audio = None  # (B, T) bool
+
+    def extend(self, valid, audio) -> None:
+        cat = lambda old, new: new if old is None else torch.cat([old, new], dim=1)  # noqa: E731
+        self.valid, self.audio = cat(self.valid, valid), cat(self.audio, audio)
 
 
 # ----------------------------------------------------------------------------------------------

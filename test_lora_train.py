@@ -293,3 +293,15 @@ def test_sharded_checkpoint_and_bf16_load(tiny_ckpt, tmp_path):
     assert torch.equal(outputs(again, batch), outputs(model, batch))
     half = load_model(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+def test_length_grouped_steps_cover_the_epoch_once():
+    lengths = [int(x) for x in torch.randint(50, 2000, (1000,), generator=torch.Generator().manual_seed(0))]
+    grouped = train_mod.step_indices(1000, 8, seed=0, epoch=3, lengths=lengths)
+    plain = train_mod.step_indices(1000, 8, seed=0, epoch=3)
+    for steps in (grouped, plain):
+        flat = [i for s in steps for i in s]
+        assert len(steps) == 125 and all(len(s) == 8 for s in steps) and len(set(flat)) == 1000
+    spread = lambda steps: np.mean([max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps])  # noqa: E731
+    assert spread(grouped) < 0.2 * spread(plain)
+    assert grouped == train_mod.step_indices(1000, 8, seed=0, epoch=3, lengths=lengths)  # deterministic

@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 
 from collate import Collator
-from data import DataError, check_special_tokens, invalid_summary, load_dataset, load_tokenizer
+from data import DataError, expanded_length, invalid_summary, load_dataset, model_spec
 from lora import count_parameters, inject_lora, save_adapter, DEFAULT_TARGETS
 from loss import (LossSums, loss_sums, normalised_codebook_weights, total_loss,
                   voice_consistency_sums)
 from model import HiggsConfig, build_model, load_model
 
+GROUP_WINDOW = 64  # steps per window of length-sorted samples (--group_by_length)
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each layer: ~3.7x transformers+PEFT speed (README)
     compile_memory_budget: float = 1.0  # <1 recomputes more in backward to hold fewer activations
+    group_by_length: bool = True  # batch samples of similar expanded length (less padding)
     num_workers: int = -1  # background collation processes; -1 = 2 on GPU, 0 on CPU
     # LoRA
     lora_r: int = 16
@@ -93,8 +95,8 @@ def config_from_args(argv=None) -> TrainConfig:
     """Every TrainConfig field becomes a --flag of the same name and type."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        if f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true", default=f.default)
+        if f.type == "bool":  # --flag / --no-flag
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
         elif f.name == "resume":
             p.add_argument("--resume", nargs="?", const="latest", default="")
         else:
@@ -139,16 +141,11 @@ def resolve_device(cfg: TrainConfig, d: Dist) -> tuple[torch.device, torch.dtype
     return device, dtype
 
 
-def build(cfg: TrainConfig, device, dtype):
-    """(model, tokenizer): a checkpoint folder, or the tiny random model with the demo tokenizer."""
+def build(cfg: TrainConfig, model_cfg: HiggsConfig, device, dtype):
+    """The model: a checkpoint folder, or the tiny random model (`--model tiny`)."""
     if cfg.model == "tiny":
-        model = build_model(HiggsConfig.tiny(), device=device, dtype=dtype, seed=cfg.seed)
-        tokenizer = load_tokenizer(os.path.join(DEMO_DIR, "tokenizer"))
-    else:
-        model = load_model(cfg.model, device=device, dtype=dtype)
-        tokenizer = load_tokenizer(cfg.model)
-    check_special_tokens(tokenizer, model.cfg)
-    return model, tokenizer
+        return build_model(model_cfg, device=device, dtype=dtype, seed=cfg.seed)
+    return load_model(cfg.model, device=device, dtype=dtype)
 
 
 def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig | None = None) -> list:
@@ -211,11 +208,12 @@ def evaluate(model, samples: list, collator: Collator, batch_size: int, device, 
 def run_eval(cfg: TrainConfig) -> dict:
     d = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     device, dtype = resolve_device(cfg, d)
-    model, tokenizer = build(cfg, device, dtype)
     eval_path = cfg.resolved_eval_data()
     if not eval_path:
         raise DataError("--eval_only needs --eval_data FILE")
-    samples = load_samples(eval_path, tokenizer, model.cfg, cfg)
+    tokenizer, model_cfg = model_spec(cfg.model)  # data is validated before the GPU is touched
+    samples = load_samples(eval_path, tokenizer, model_cfg, cfg)
+    model = build(cfg, model_cfg, device, dtype)
     t0 = time.time()
     metrics = evaluate(model, samples, Collator(model.cfg), cfg.batch_size, device, d).metrics()
     metrics.update(num_samples=len(samples), seconds=round(time.time() - t0, 3))
@@ -231,11 +229,21 @@ def run_eval(cfg: TrainConfig) -> dict:
 # Data order: a seeded permutation per epoch, cut into global steps, sharded over ranks
 
 
-def step_indices(n: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """The sample indices of each global step of an epoch (the incomplete tail is dropped)."""
+def step_indices(n: int, global_batch: int, seed: int, epoch: int,
+                 lengths: list[int] | None = None) -> list[list[int]]:
+    """The sample indices of each global step of an epoch (the incomplete tail is dropped).
+    With `lengths`, samples are sorted by expanded length within windows of GROUP_WINDOW steps
+    and the steps are then shuffled: batches of similar length waste little padding."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
-    return [perm[i:i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
+    if lengths is not None:
+        window = global_batch * GROUP_WINDOW
+        perm = [i for w in range(0, n, window)
+                for i in sorted(perm[w:w + window], key=lengths.__getitem__)]
+    steps = [perm[i:i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
+    if lengths is not None:
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+    return steps
 
 
 def micro_batches(step: list[int], d: Dist, batch_size: int) -> list[list[int]]:
@@ -250,8 +258,9 @@ def prefetched_steps(samples, collator, cfg, d: Dist, global_batch: int, epoch: 
     collated by `workers` background processes (0 = inline) so the GPU never waits."""
     from torch.utils.data import DataLoader
 
+    lengths = [expanded_length(s, collator.cfg) for s in samples] if cfg.group_by_length else None
     jobs = [[[samples[i] for i in mb] for mb in micro_batches(s, d, cfg.batch_size)]
-            for s in step_indices(len(samples), global_batch, cfg.seed, epoch)[start:]]
+            for s in step_indices(len(samples), global_batch, cfg.seed, epoch, lengths)[start:]]
     loader = DataLoader(jobs, batch_size=None, num_workers=workers, pin_memory=pin,
                         collate_fn=lambda job: [collator(mb) for mb in job],
                         prefetch_factor=4 if workers else None,
@@ -374,11 +383,11 @@ class TrainingForward(torch.nn.Module):
 def train(cfg: TrainConfig) -> dict:
     d = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     device, dtype = resolve_device(cfg, d)
-    torch.manual_seed(cfg.seed + d.rank)
-    model, tokenizer = build(cfg, device, dtype)
-    train_samples = load_samples(cfg.train_data, tokenizer, model.cfg, cfg)
+    tokenizer, model_cfg = model_spec(cfg.model)  # data is validated before the GPU is touched
+    train_samples = load_samples(cfg.train_data, tokenizer, model_cfg, cfg)
     eval_path = cfg.resolved_eval_data()
-    eval_samples = load_samples(eval_path, tokenizer, model.cfg, cfg) if eval_path else []
+    eval_samples = load_samples(eval_path, tokenizer, model_cfg, cfg) if eval_path else []
+    model = build(cfg, model_cfg, device, dtype)
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
