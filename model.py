@@ -305,7 +305,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv: "LayerKV | None" = None):
+    def forward(self, x, cos, sin, mask, kv: LayerKV | None = None):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -541,7 +541,7 @@ class HiggsAudioModel(nn.Module):
                 h = layer(*args)
         return self.norm(h)
 
-    def forward_cached(self, h, position_ids, audio_mask, valid, cache: "KVCache") -> torch.Tensor:
+    def forward_cached(self, h, position_ids, audio_mask, valid, cache: KVCache) -> torch.Tensor:
         """Generation: run new positions (B, Lq) of input embeddings `h` after those already in
         `cache`, which keeps their keys and values; final normed hidden states (B, Lq, D). Each
         position attends to every earlier `valid` one and itself, so right-padded prompts and

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from collate import Collator
 from data import DataError, expanded_length, invalid_summary, load_dataset, model_spec
+from generate import Sampler, Sampling, describe, load_prompts
 from lora import count_parameters, inject_lora, save_adapter, DEFAULT_TARGETS
 from loss import (LossSums, loss_sums, normalised_codebook_weights, total_loss,
                   voice_consistency_sums)
@@ -83,6 +84,17 @@ class TrainConfig:
     resume: str = ""  # 'latest' or a checkpoint path; bare --resume means latest
     max_bad_steps: int = 3  # consecutive non-finite steps before stopping
     peak_tflops: float = 0.0  # per device, for MFU; 0 = 989 (H100 bf16 dense) on GPU, off on CPU
+    # listening to checkpoints: generated samples and their health checks (README, generate.py)
+    sample_every: int = 0  # generate every N steps and at the end; 0 = never
+    sample_data: str = ""  # prompts (any data format); "" = the eval data
+    sample_count: int = 4  # its first N records
+    sample_max_seconds: float = 20.0  # frame limit of a generation
+    sample_temperature: float = Sampling.temperature  # 0 = greedy
+    sample_top_k: int = Sampling.top_k
+    sample_top_p: float = Sampling.top_p
+    audio_tokenizer: str = ""  # HiggsAudioV2TokenizerModel folder: WAVs (silence check on them)
+    asr_model: str = ""  # transformers speech recognition model folder: word error rate
+    speaker_model: str = ""  # transformers x-vector model folder: speaker similarity
 
     def resolved_eval_data(self) -> str:
         if self.eval_data:
@@ -387,6 +399,7 @@ def train(cfg: TrainConfig) -> dict:
     train_samples = load_samples(cfg.train_data, tokenizer, model_cfg, cfg)
     eval_path = cfg.resolved_eval_data()
     eval_samples = load_samples(eval_path, tokenizer, model_cfg, cfg) if eval_path else []
+    prompts = sample_prompts(cfg, eval_path, tokenizer, model_cfg)
     model = build(cfg, model_cfg, device, dtype)
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
@@ -458,6 +471,14 @@ def train(cfg: TrainConfig) -> dict:
         if metrics_file:
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
+
+    sampler = None
+    if prompts and d.main:
+        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+            sampler = Sampler(Sampling(temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                                       top_p=cfg.sample_top_p, seed=cfg.seed,
+                                       max_seconds=cfg.sample_max_seconds),
+                              device, cfg.audio_tokenizer, cfg.asr_model, cfg.speaker_model)
 
     workers = cfg.num_workers if cfg.num_workers >= 0 else (2 if device.type == "cuda" else 0)
     stream = None
@@ -543,6 +564,12 @@ def train(cfg: TrainConfig) -> dict:
             ev = evaluate(model, eval_samples, collator, cfg.batch_size, device, d, autocast).metrics()
             write_metrics(dict(step=step, **{f"eval_{k}": v for k, v in ev.items()}))
             log(d, f"eval step {step}: text {ev['text_loss']:.4f} audio {ev['audio_loss']:.4f}")
+        if prompts and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            if d.main:
+                for row in listen(cfg, sampler, model, prompts, step, device):
+                    write_metrics(row)
+            if d.world > 1:  # the other ranks wait for rank 0's samples
+                dist.barrier()
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_training_checkpoint(cfg, d, model, optimizer, scheduler,
                                      dict(step=step, epoch=epoch, step_in_epoch=step_in_epoch))
@@ -561,6 +588,40 @@ def train(cfg: TrainConfig) -> dict:
     if d.world > 1:
         dist.destroy_process_group()
     return result
+
+
+def sample_prompts(cfg: TrainConfig, eval_path: str, tokenizer, model_cfg) -> list:
+    """The held-out prompts of --sample_every (read on every rank, so bad data stops them all)."""
+    if not cfg.sample_every:
+        if cfg.sample_data:
+            raise DataError("--sample_data is read by --sample_every N; add it")
+        return []
+    path = cfg.sample_data or eval_path
+    if not path:
+        raise DataError("--sample_every needs prompts: --sample_data FILE, or --eval_data FILE "
+                        "(its first --sample_count records)")
+    return load_prompts(path, cfg.sample_count, tokenizer, model_cfg)
+
+
+def listen(cfg: TrainConfig, sampler: Sampler, model, prompts: list, step: int, device) -> list:
+    """Rank 0: the current adapter's samples in OUT/samples/step_N/, their health rows for
+    metrics.jsonl, and a loud warning for each failed check. Leaves every RNG as it was, so a
+    resumed run stays exact."""
+    out_dir = os.path.join(cfg.output_dir, "samples", f"step_{step:08d}")
+    names = [f"sample{i}" for i in range(len(prompts))]
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        results = sampler(model, prompts, out_dir, names)
+    print(f"samples at step {step} in {out_dir}:", flush=True)
+    for name, r in zip(names, results):
+        print(f"  {name}: {describe(r)}", flush=True)
+    failed = [f"{name} ({prompt.source}): {', '.join(r['failed'])}"
+              for name, prompt, r in zip(names, prompts, results) if r["failed"]]
+    if failed:
+        print(f"WARNING: {len(failed)} of {len(names)} samples at step {step} FAILED health checks: "
+              f"{'; '.join(failed)}. README 'Listening to checkpoints' says what usually causes "
+              "each and what to do", flush=True)
+    return [dict(step=step, sample=i, **{f"sample_{k}": v for k, v in r.items()})
+            for i, r in enumerate(results)]
 
 
 def plot_metrics(output_dir: str) -> None:

@@ -1,0 +1,332 @@
+"""Generation (generate.py) against the official code, the KV cache against recomputation, the
+health checks and scorers, the CLI, and sampling during training (train.py --sample_every)."""
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+import generate as gen
+import train as train_mod
+from collate import Collator
+from conftest import DEMO_DATA, ROOT
+from data import CODES_FRAME_RATE, codes_path, load_records, load_tokenizer, record_from_json
+from lora import inject_lora, save_adapter
+from model import HiggsConfig, KVCache, build_model, load_model
+from test_golden import case_setup
+
+GOLDEN = os.path.join(ROOT, "tests", "golden_generate")
+EXPECTED = json.load(open(os.path.join(GOLDEN, "expected.json")))
+EVAL = os.path.join(DEMO_DATA, "eval.jsonl")
+GREEDY = gen.Sampling(temperature=0, ras_window=0)
+
+
+def zero_eos_rows(model):
+    """The audio head can no longer prefer stream EOS: greedy streams run to the frame limit."""
+    with torch.no_grad():
+        model.audio_decoder_proj.audio_lm_head.weight[
+            model.cfg.audio_stream_eos_id::model.cfg.codebook_rows] = 0
+    return model
+
+
+def golden_case(name):
+    case = EXPECTED[name]
+    model = load_model(os.path.join(GOLDEN, case["ckpt"]), dtype=torch.float32).eval()
+    if case["zero_eos_rows"]:
+        zero_eos_rows(model)
+    tok = load_tokenizer(os.path.join(GOLDEN, case["ckpt"]))
+    data_dir = os.path.join(GOLDEN, case["data_dir"])
+    prompts = [gen.prompt_of(record_from_json({"messages": p["messages"]}, name, data_dir), tok, model.cfg)
+               for p in case["prompts"]]
+    # the official max_new_tokens counts the step that feeds the prompt: one frame fewer
+    sampling = dataclasses.replace(GREEDY, max_seconds=(case["max_new_tokens"] - 1) / CODES_FRAME_RATE)
+    return model, prompts, sampling, case["prompts"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_greedy_generation_matches_official(name):
+    model, prompts, sampling, want = golden_case(name)
+    for prompt, w in zip(prompts, want):
+        assert prompt.sample.input_ids.tolist() == w["input_ids"]
+    alone = [gen.generate(model, [p], sampling)[0] for p in prompts]
+    batched = gen.generate(model, prompts, sampling)  # right-padded rows of different lengths
+    for out in (alone, batched):
+        for got, w in zip(out, want):
+            assert got.stream.tolist() == w["stream"]
+            assert got.codes.tolist() == w["codes"] and got.ended == w["ended"]
+
+
+@pytest.mark.parametrize("case", ["released", "tower_ff", "dual_ffn_nodelay"])
+def test_cached_forward_equals_the_training_forward(case):
+    """In one chunk or two, over right-padded rows: the incremental path gives the hidden states of
+    the golden-tested forward (fast-forward and plain layers, Whisper positions included)."""
+    model, samples = case_setup(case)
+    batch = Collator(model.cfg)(samples)
+    with torch.no_grad():
+        want = model(batch)[batch.attention_mask]
+        inputs = (model.embed(batch), batch.position_ids, batch.audio_mask, batch.attention_mask)
+        one = model.forward_cached(*inputs, KVCache(len(model.layers)))
+        cache, cut = KVCache(len(model.layers)), batch.input_ids.shape[1] // 2
+        two = torch.cat([model.forward_cached(*(x[:, :cut] for x in inputs), cache),
+                         model.forward_cached(*(x[:, cut:] for x in inputs), cache)], 1)
+    for got in (one, two):
+        torch.testing.assert_close(got[batch.attention_mask], want, rtol=1e-5, atol=1e-5)
+
+
+def tiny_models():
+    """The released layout, fast-forward layers, and plain dual_ffn without the delay pattern;
+    their stream-EOS rows zeroed, so greedy streams run to the limit and sampled ones end at
+    different steps (finished rows stay in the batch)."""
+    cfgs = [HiggsConfig.tiny(), dataclasses.replace(HiggsConfig.tiny(), audio_dual_ffn_layers=[1]),
+            dataclasses.replace(HiggsConfig.tiny(), audio_adapter_type="dual_ffn",
+                                audio_dual_ffn_layers=[0, 2], use_delay_pattern=False)]
+    return [zero_eos_rows(build_model(c, seed=i).eval()) for i, c in enumerate(cfgs)]
+
+
+def test_kv_cache_equals_recomputing_the_prefix():
+    tok = load_tokenizer(os.path.join(ROOT, "demo", "tokenizer"))
+    lengths = {}
+    for i, model in enumerate(tiny_models()):
+        prompts = [gen.prompt_of(r, tok, model.cfg) for r in load_records(EVAL)[:3]]
+        for sampling in (GREEDY, gen.Sampling(temperature=1.0, seed=3)):
+            sampling = dataclasses.replace(sampling, max_seconds=1.2)
+            cached = gen.generate(model, prompts, sampling)
+            recomputed = gen.generate(model, prompts, sampling, use_cache=False)
+            assert [g.stream.tolist() for g in cached] == [g.stream.tolist() for g in recomputed]
+            lengths[i, sampling.temperature] = [(g.stream.shape[1], g.ended) for g in cached]
+    assert all(lengths[i, 0] == [(31, False)] * 3 for i in range(3))  # 30 frames + the BOS one
+    assert any(len({n for n, ended in lengths[i, 1.0] if ended}) > 1 for i in range(3)), lengths
+
+
+# ----------------------------------------------------------------------------------------------
+# Health checks
+
+
+def check(codes, ended=True, wav=None, text="x" * 30, rate=15.0, reference=None, reference_codes=None):
+    prompt = gen.Prompt(None, text, reference, reference_codes, rate)
+    return gen.health(prompt, gen.Generated(None, codes, ended), wav)
+
+
+def test_each_health_check_fires_on_its_crafted_case_only():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 32, (8, 50), generator=g)  # 2 s, as 30 characters at 15 per second
+    speech = 0.1 * torch.randn(50 * 960, generator=g)
+    assert check(codes, wav=speech)["failed"] == []
+    assert check(codes)["failed"] == []  # no waveform, no reference: the silence check is skipped
+    assert check(codes, ended=False, wav=speech)["failed"] == ["ended"]  # a stream that never ends
+    r = check(codes, wav=torch.zeros(50 * 960))  # an all-silence decode
+    assert r["failed"] == ["silence"] and r["silent_fraction"] == 1.0
+    r = check(codes, wav=speech, text="x" * 300)
+    assert r["failed"] == ["duration"] and r["expected_seconds"] == 20.0
+    looped = torch.cat([codes[:, :4]] * 19, 1)[:, :75]  # a 4-frame pattern for 3 s
+    r = check(looped, wav=0.1 * torch.randn(75 * 960, generator=g), text="x" * 45)
+    assert r["failed"] == ["loop"] and r["loop_seconds"] == 3.0
+    # without an audio tokenizer: the reference's silence code, from its near-silent frames
+    reference = torch.cat([torch.zeros(10 * 960), 0.1 * torch.randn(40 * 960, generator=g)])
+    ref_codes = torch.cat([torch.full((8, 10), 7), torch.randint(8, 32, (8, 40), generator=g)], 1)
+    assert gen.silence_code(reference, ref_codes) == 7
+    silent = codes.clone()
+    silent[0] = 7
+    assert check(silent, reference=reference, reference_codes=ref_codes)["failed"] == ["silence"]
+    assert check(ref_codes[:, 10:], reference=reference, reference_codes=ref_codes)["failed"] == []
+
+
+def test_never_ending_stream_is_flagged():
+    model = tiny_models()[0]
+    tok = load_tokenizer(os.path.join(ROOT, "demo", "tokenizer"))
+    prompt = gen.prompt_of(load_records(EVAL)[0], tok, model.cfg)
+    out = gen.generate(model, [prompt], dataclasses.replace(GREEDY, max_seconds=1))[0]
+    # 25 frames after the BOS one; the last 7 are incomplete (delay) and the last column is cut
+    assert not out.ended and out.stream.shape[1] == 26 and out.codes.shape[1] == 25 - 7 - 1
+    assert "ended" in gen.health(prompt, out)["failed"]
+
+
+def test_word_error_rate():
+    assert gen.word_error_rate("The cat sat.", "the cat sat") == 0
+    assert gen.word_error_rate("the cat sat on the mat", "the cat sat on mat") == 1 / 6
+    assert gen.word_error_rate("a b", "c a b d") == 1.0
+    assert gen.word_error_rate("a b", "") == 1.0
+
+
+@pytest.fixture(scope="module")
+def audio_tokenizer(tmp_path_factory):
+    """A tiny random HiggsAudioV2TokenizerModel (demo/make_demo.py's config), random codebooks."""
+    from demo.make_demo import build_audio_tokenizer
+
+    model = build_audio_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for q in model.quantizer.quantizers:
+            q.codebook.embed.copy_(torch.randn(q.codebook.embed.shape, generator=g))
+    path = str(tmp_path_factory.mktemp("audio_tokenizer"))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory):
+    """Tiny random models of the real scorers' classes, saved with their processors like
+    downloaded ones: Whisper and wav2vec2 CTC recognisers, a WavLM x-vector speaker model."""
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor,
+                              Wav2Vec2ForCTC, Wav2Vec2Processor, WavLMConfig, WavLMForXVector,
+                              WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizer)
+
+    root = tmp_path_factory.mktemp("scorers")
+    torch.manual_seed(0)
+    letters = [*"abcdefghijklmnopqrstuvwxyz'"]
+    (root / "ctc.json").write_text(json.dumps(
+        {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", "|", *letters])}))
+    tokenizer = Wav2Vec2CTCTokenizer(str(root / "ctc.json"), do_lower_case=True)
+    features = Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True)
+    Wav2Vec2Processor(features, tokenizer).save_pretrained(root / "ctc")
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                 conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=len(tokenizer), pad_token_id=0, **small)) \
+        .save_pretrained(root / "ctc")
+    WavLMForXVector(WavLMConfig(tdnn_dim=(16,) * 5, xvector_output_dim=8, **small)) \
+        .save_pretrained(root / "speaker")
+    features.save_pretrained(root / "speaker")
+    # Whisper: a byte-level BPE of single letters plus the special tokens generate() needs
+    (root / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(letters + ["Ġ"])}))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    end = "<|endoftext|>"
+    tokenizer = WhisperTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), unk_token=end,
+                                 bos_token=end, eos_token=end, pad_token=end)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|notimestamps|>"]})
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=16), tokenizer).save_pretrained(root / "whisper")
+    end_id, start_id = tokenizer.convert_tokens_to_ids([end, "<|startoftranscript|>"])
+    whisper = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=16, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+        max_target_positions=64, pad_token_id=end_id, bos_token_id=end_id, eos_token_id=end_id,
+        decoder_start_token_id=start_id))
+    whisper.generation_config.max_length = 20
+    whisper.save_pretrained(root / "whisper")
+    return {name: str(root / name) for name in ("ctc", "whisper", "speaker")}
+
+
+@pytest.mark.parametrize("asr_kind", ["ctc", "whisper"])
+def test_optional_scorers_run_real_models(scorers, asr_kind):
+    asr, speaker = gen.AsrScorer(scorers[asr_kind], "cpu"), gen.SpeakerScorer(scorers["speaker"], "cpu")
+    g = torch.Generator().manual_seed(0)
+    a, b = 0.1 * torch.randn(24000, generator=g), 0.1 * torch.randn(36000, generator=g)
+    wer, heard = asr(a, "the cat sat")
+    assert isinstance(heard, str) and wer == gen.word_error_rate("the cat sat", heard)
+    assert asr(a[:100], "the cat sat") == (1.0, "")  # too short to transcribe: nothing heard
+    assert speaker(a, a) == pytest.approx(1.0, abs=1e-5) and -1 <= speaker(a, b) < 1
+    assert speaker(a, b[:100]) is None
+    prompt = gen.Prompt(None, "the cat sat", a, None, None)
+    codes = torch.zeros(8, 25, dtype=torch.long)
+    r = gen.health(prompt, gen.Generated(None, codes, True), b, asr, speaker)
+    assert {"wer", "heard", "speaker_similarity"} <= r.keys()
+    assert ("wer" in r["failed"]) == (r["wer"] > gen.MAX_WER)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_clones_a_voice_with_adapter_tokenizer_and_scorers(tiny_ckpt, audio_tokenizer, scorers,
+                                                                tmp_path, capsys):
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    inject_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    save_adapter(model, str(tmp_path / "adapter"))
+    ref = str(tmp_path / "ref.wav")  # a reference without its codes sidecar: encoded on the fly
+    shutil.copy(os.path.join(DEMO_DATA, "espeak_m1_00.wav"), ref)
+    common = ["--model", tiny_ckpt, "--ref_audio", ref, "--ref_text", "The sun is bright today.",
+              "--device", "cpu", "--temperature", "0", "--max_seconds", "1"]
+    assert gen.main(common + ["--text", "Hi.", "--out", str(tmp_path / "x.wav")]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+
+    argv = common + ["--adapter", str(tmp_path / "adapter"), "--tokenizer", audio_tokenizer,
+                     "--asr_model", scorers["whisper"], "--speaker_model", scorers["speaker"],
+                     "--text", "Please close the door.", "I like green apples.",
+                     "--out", str(tmp_path / "out" / "clone.wav")]
+    os.makedirs(tmp_path / "out")
+    assert gen.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"encoded {ref}" in out and os.path.isfile(codes_path(ref))
+    for i in (1, 2):
+        stem = str(tmp_path / "out" / f"clone_{i}")
+        codes = np.load(stem + ".codes.npy")
+        wav, rate = sf.read(stem + ".wav")
+        assert rate == 24000 and len(wav) == codes.shape[1] * 960 and codes.shape[0] == 8
+        report = json.load(open(stem + ".json"))
+        assert {"ended", "seconds", "wer", "speaker_similarity", "failed"} <= report.keys()
+        assert f"{stem}: " in out
+    first = np.load(str(tmp_path / "out" / "clone_1.codes.npy"))
+    assert gen.main(argv) == 0  # greedy with a fixed seed: the same codes again
+    assert np.array_equal(np.load(str(tmp_path / "out" / "clone_1.codes.npy")), first)
+
+    assert gen.main(["--model", tiny_ckpt, "--data", EVAL, "--count", "2", "--out_dir",
+                     str(tmp_path / "data"), "--device", "cpu", "--max_seconds", "1"]) == 0
+    assert sorted(os.listdir(tmp_path / "data")) == [f"sample{i}.{ext}" for i in (0, 1)
+                                                     for ext in ("codes.npy", "json", "ref.wav")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling during training
+
+
+def run_train(tmp, *extra, ckpt):
+    args = ["--model", ckpt, "--train_data", os.path.join(DEMO_DATA, "train.jsonl"), "--eval_data", EVAL,
+            "--output_dir", str(tmp), "--max_steps", "4", "--batch_size", "2", "--save_every", "2",
+            "--log_every", "100", "--lr", "5e-3", "--warmup_steps", "2", "--device", "cpu", *extra]
+    return train_mod.train(train_mod.config_from_args(args))
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def test_training_writes_samples_and_health_and_resumes_exactly(tiny_ckpt, audio_tokenizer, tmp_path,
+                                                                 monkeypatch, capsys):
+    sampling = ["--sample_every", "2", "--sample_count", "2", "--sample_max_seconds", "1",
+                "--audio_tokenizer", audio_tokenizer]
+    full = tmp_path / "full"
+    run_train(full, *sampling, ckpt=tiny_ckpt)
+    assert "samples at step 2 in" in capsys.readouterr().out
+    for step in (2, 4):
+        folder = full / "samples" / f"step_{step:08d}"
+        assert sorted(os.listdir(folder)) == [f"sample{i}.{ext}" for i in (0, 1)
+                                              for ext in ("codes.npy", "json", "ref.wav", "wav")]
+        assert json.load(open(folder / "sample0.json"))["text"] == "Open the window, please."
+    rows = [r for r in metrics(full) if "sample" in r]
+    assert [(r["step"], r["sample"]) for r in rows] == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    assert all({"sample_ended", "sample_duration_ratio", "sample_silent_fraction", "sample_loop_seconds",
+                "sample_failed"} <= r.keys() for r in rows)
+
+    plain = tmp_path / "plain"  # sampling leaves training untouched
+    run_train(plain, ckpt=tiny_ckpt)
+    losses = lambda run: [(r["step"], r["loss"]) for r in metrics(run) if "loss" in r]  # noqa: E731
+    assert losses(plain) == losses(full)
+
+    part = tmp_path / "part"
+    real_save = train_mod.save_training_checkpoint
+
+    def save_then_die(cfg, d, model, opt, sched, state):
+        real_save(cfg, d, model, opt, sched, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_training_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(part, *sampling, ckpt=tiny_ckpt)
+    monkeypatch.undo()
+    run_train(part, *sampling, "--resume", ckpt=tiny_ckpt)
+    assert losses(part) == losses(full)
+    a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (part, full))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    for name in ("sample0.codes.npy", "sample1.codes.npy"):
+        assert np.array_equal(*(np.load(run / "samples" / "step_00000004" / name) for run in (part, full)))
