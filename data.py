@@ -1055,7 +1055,7 @@ def _equal_length_batches(files: list[str], sample_rate: int, batch_size: int, f
         yield batch
 
 
-def _save_codes(path: str, codes: np.ndarray) -> None:
+def save_codes(path: str, codes: np.ndarray) -> None:
     """Write a sidecar whole or not at all (an interrupted prepare leaves no truncated file)."""
     with open(path + ".tmp", "wb") as f:
         np.save(f, codes.astype(np.int16 if codes.max(initial=0) < 2 ** 15 else np.int32))
@@ -1104,7 +1104,7 @@ def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "aut
             if abs(c.shape[1] - want) > 1:
                 raise DataError(f"{tokenizer_dir}: encoded {f} to {c.shape[1]} frames, expected {want} "
                                 "at 25 frames/s; is it a Higgs-Audio v2 audio tokenizer?")
-            _save_codes(codes_path(f), c)
+            save_codes(codes_path(f), c)
         done += len(batch)
         if time.time() - last > 1 or done == len(todo):
             last, rate = time.time(), done / max(time.time() - t0, 1e-9)

@@ -33,7 +33,7 @@ import torch
 
 from collate import IGNORE, Collator
 from data import (CODES_FRAME_RATE, CODES_HOP, CODES_SAMPLE_RATE, SPEAKING_RATE_FACTOR, AudioPart,
-                  DataError, Record, Sample, TextPart, _save_codes, cloning_record, codes_path,
+                  DataError, Record, Sample, TextPart, save_codes, cloning_record, codes_path,
                   load_audio, load_records, make_sample, record_from_json)
 from model import KVCache
 
@@ -446,7 +446,7 @@ def encode_reference(path: str, audio_tokenizer) -> None:
     `python data.py prepare` would."""
     wav = load_audio(AudioPart(path), "", CODES_SAMPLE_RATE, path)
     codes = audio_tokenizer.encode(wav[None, None].to(audio_tokenizer.device), return_dict=False)
-    _save_codes(codes_path(path), codes[0].cpu().numpy())
+    save_codes(codes_path(path), codes[0].cpu().numpy())
     print(f"encoded {path} -> {codes_path(path)}")
 
 
