@@ -806,10 +806,11 @@ def _check_audio(part: AudioPart, record: Record, where: str, cfg, needs_codes: 
     return seconds
 
 
-def check_record(record: Record, cfg, cache: dict | None = None) -> Checked:
+def check_record(record: Record, cfg, cache: dict | None = None,
+                 require_audio: bool = True) -> Checked:
     """Everything about a record that needs no text tokenizer: role order, empty text, a trained
-    assistant turn, audio files and (as `cfg` needs them) their codes sidecars. `cache` shares
-    per-file results between the records of a data set."""
+    assistant turn (with audio, for training data: `require_audio`), audio files and (as `cfg`
+    needs them) their codes sidecars. `cache` shares per-file results between the records."""
     cache = {} if cache is None else cache
     src, msgs, start = record.source, record.messages, record.start_index
     if not msgs:
@@ -842,6 +843,13 @@ def check_record(record: Record, cfg, cache: dict | None = None) -> Checked:
                         "part" + (", or lower start_index" if start else ""))
     targets = [(i, j) for i in trained for j, p in enumerate(msgs[i].content)
                if isinstance(p, AudioPart)]
+    if require_audio and not targets:
+        raise DataError(f"{src}: no trainable assistant audio (what the old pipeline called "
+                        f"\"Missing required message types\"): the trained assistant turn"
+                        f"{'s' if len(trained) > 1 else ''} {', '.join(f'messages[{i}]' for i in trained)} "
+                        "hold only text, so there is no voice to learn; add the target speech as "
+                        "an assistant audio part (text-only records are accepted by --eval_only "
+                        "and by `data.py check --allow_text_only`)")
     checked = Checked(record)
     for i, m in enumerate(msgs):
         for j, p in enumerate(m.content):
@@ -856,14 +864,14 @@ def check_record(record: Record, cfg, cache: dict | None = None) -> Checked:
     return checked
 
 
-def validate(records: list[Record], cfg, tokenizer=None,
-             max_seq_len: int | None = None) -> tuple[list[Checked], list[Invalid]]:
+def validate(records: list[Record], cfg, tokenizer=None, max_seq_len: int | None = None,
+             require_audio: bool = True) -> tuple[list[Checked], list[Invalid]]:
     """Every record checked, the failures returned with their reasons instead of raised. With a
     tokenizer each record is also made into a Sample whose expanded length must fit max_seq_len."""
     cache, checked, invalid = {}, [], []
     for r in records:
         try:
-            c = check_record(r, cfg, cache)
+            c = check_record(r, cfg, cache, require_audio)
             if tokenizer is not None:
                 c.sample = make_sample(r, tokenizer, cfg)
                 c.length = expanded_length(c.sample, cfg)
@@ -877,11 +885,11 @@ def validate(records: list[Record], cfg, tokenizer=None,
     return checked, invalid
 
 
-def load_dataset(path: str, tokenizer, cfg, max_seq_len: int | None = None,
-                 fmt: str = "auto") -> tuple[list[Sample], list[Invalid]]:
+def load_dataset(path: str, tokenizer, cfg, max_seq_len: int | None = None, fmt: str = "auto",
+                 require_audio: bool = True) -> tuple[list[Sample], list[Invalid]]:
     """Samples of the valid records of a data file or folder, and the invalid ones with reasons."""
     records, invalid, _ = read_records(path, fmt)
-    checked, bad = validate(records, cfg, tokenizer, max_seq_len)
+    checked, bad = validate(records, cfg, tokenizer, max_seq_len, require_audio)
     return [c.sample for c in checked], sorted(invalid + bad, key=lambda x: x.index)
 
 
@@ -958,7 +966,8 @@ def _flags(checked: list[Checked], rates: list, median: float) -> list[str]:
     return flags
 
 
-def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: int = 4096) -> int:
+def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: int = 4096,
+          allow_text_only: bool = False) -> int:
     """`python data.py check`: validate everything training would, print a report, and return the
     exit code (0 all valid, 1 some records invalid)."""
     records, invalid, fmt = read_records(path, fmt)
@@ -966,7 +975,7 @@ def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: i
         (tokenizer, cfg), counts = model_spec(model), Counter()
     else:
         tokenizer, (cfg, counts) = None, _sidecar_spec(records)
-    checked, bad = validate(records, cfg, tokenizer, max_seq_len)
+    checked, bad = validate(records, cfg, tokenizer, max_seq_len, not allow_text_only)
     invalid = sorted(invalid + bad, key=lambda x: x.index)
     print(f"{path}: {fmt} format, {len(checked) + len(invalid)} records: {len(checked)} valid, "
           f"{len(invalid)} invalid")
@@ -1137,6 +1146,8 @@ def main(argv=None) -> int:
     c.add_argument("data", help="data file (JSON, JSONL, metadata.csv) or folder")
     c.add_argument("--model", help="checkpoint folder, or tiny: also tokenize and check lengths")
     c.add_argument("--max_seq_len", type=int, default=4096, help="as train.py's (with --model)")
+    c.add_argument("--allow_text_only", action="store_true",
+                   help="accept records whose trained turns hold only text (evaluation data)")
     r = sub.add_parser("prepare", help="write the .codes.npy sidecars with the audio tokenizer")
     r.add_argument("data", help="data file (JSON, JSONL, metadata.csv) or folder")
     r.add_argument("--tokenizer", required=True, help="HiggsAudioV2TokenizerModel folder")
@@ -1150,7 +1161,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "check":
-            return check(args.data, args.model, args.format, args.max_seq_len)
+            return check(args.data, args.model, args.format, args.max_seq_len, args.allow_text_only)
         return prepare(args.data, args.tokenizer, args.format, args.device, args.batch_size,
                        args.write_chatml)
     except (DataError, OSError, ValueError) as e:  # bad input: a message, never a traceback

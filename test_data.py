@@ -412,7 +412,10 @@ def test_check_report_counts_and_flags(clean, capsys):
            for n in ("loud", "quiet", "stereo")]
     text_only = {"messages": [user("Hi."), {"role": "assistant", "content": "Hello."}]}
     path = write_lines(clean / "d.jsonl", normal + [wrong] + odd + [text_only])
-    rc, out, err = cli(["check", path], capsys)
+    rc, out, err = cli(["check", path], capsys)  # training data needs a voice to learn
+    assert rc == 1 and f"{path}:10 (record 9): no trainable assistant audio" in out
+    assert "messages[1] hold only text" in out
+    rc, out, err = cli(["check", path, "--allow_text_only"], capsys)
     assert rc == 0, out + err
     assert f"{path}: chatml format, 10 records: 10 valid, 0 invalid" in out
     assert "speakers: 3 (s: 6, t: 3, (unnamed): 1)" in out
@@ -423,14 +426,14 @@ def test_check_report_counts_and_flags(clean, capsys):
     assert f"{path}:6 (record 5): speaking rate 134.0 characters/s, 8.4x the median 16.0" in out
     assert "loud.wav (used by" in out and "clipped" in out
     assert "quiet.wav (used by" in out and "near-silent" in out
-    rc, out, err = cli(["check", path, "--model", "tiny"], capsys)
+    rc, out, err = cli(["check", path, "--model", "tiny", "--allow_text_only"], capsys)
     assert rc == 0 and "codes: 8 codebooks of 32 values, checked against --model tiny" in out
     assert "sequence length after audio expansion: min " in out
     np.save(codes_path(str(clean / "c3.wav")), np.zeros((12, 25), int))  # one sidecar disagrees
-    rc, out, err = cli(["check", path], capsys)
+    rc, out, err = cli(["check", path, "--allow_text_only"], capsys)
     assert rc == 0 and "disagree on the codebook count: 8 codebooks: 8 files, 12 codebooks: 1" in out
     os.remove(codes_path(str(clean / "c1.wav")))
-    rc, out, err = cli(["check", path], capsys)
+    rc, out, err = cli(["check", path, "--allow_text_only"], capsys)
     assert rc == 1 and "8 valid, 2 invalid" in out and "invalid (2; training stops" in out
     assert f"{path}:1 (record 0): messages[4].content: audio codes" in out
     assert f"{path}:2 (record 1): messages[2].content: audio codes" in out

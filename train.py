@@ -160,12 +160,15 @@ def build(cfg: TrainConfig, model_cfg: HiggsConfig, device, dtype):
     return load_model(cfg.model, device=device, dtype=dtype)
 
 
-def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig | None = None) -> list:
+def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig | None = None,
+                 training: bool = True) -> list:
     """Samples of a data file or folder in any supported format, validated as `python data.py
     check` does: an invalid record stops the run with every reason listed, or with --skip_invalid
-    is dropped and listed (index, source, reason) in OUT/skipped_records.jsonl."""
+    is dropped and listed (index, source, reason) in OUT/skipped_records.jsonl. Training data
+    must have trained assistant audio; evaluation data may be text-only."""
     cfg = cfg or TrainConfig()
-    samples, invalid = load_dataset(path, tokenizer, model_cfg, cfg.max_seq_len)
+    samples, invalid = load_dataset(path, tokenizer, model_cfg, cfg.max_seq_len,
+                                    require_audio=training)
     if invalid and not cfg.skip_invalid:
         raise DataError(invalid_summary(path, invalid, len(samples) + len(invalid)) +
                         "\nfix them (`python data.py check` reports them all), or pass "
@@ -224,7 +227,7 @@ def run_eval(cfg: TrainConfig) -> dict:
     if not eval_path:
         raise DataError("--eval_only needs --eval_data FILE")
     tokenizer, model_cfg = model_spec(cfg.model)  # data is validated before the GPU is touched
-    samples = load_samples(eval_path, tokenizer, model_cfg, cfg)
+    samples = load_samples(eval_path, tokenizer, model_cfg, cfg, training=False)
     model = build(cfg, model_cfg, device, dtype)
     t0 = time.time()
     metrics = evaluate(model, samples, Collator(model.cfg), cfg.batch_size, device, d).metrics()
@@ -398,7 +401,7 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer, model_cfg = model_spec(cfg.model)  # data is validated before the GPU is touched
     train_samples = load_samples(cfg.train_data, tokenizer, model_cfg, cfg)
     eval_path = cfg.resolved_eval_data()
-    eval_samples = load_samples(eval_path, tokenizer, model_cfg, cfg) if eval_path else []
+    eval_samples = load_samples(eval_path, tokenizer, model_cfg, cfg, training=False) if eval_path else []
     prompts = sample_prompts(cfg, eval_path, tokenizer, model_cfg)
     model = build(cfg, model_cfg, device, dtype)
 
