@@ -26,3 +26,19 @@ def tiny_ckpt(tmp_path_factory) -> str:
     for name in os.listdir(tok_dir):
         shutil.copy(os.path.join(tok_dir, name), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def audio_tokenizer(tmp_path_factory) -> str:
+    """A tiny random HiggsAudioV2TokenizerModel (demo/make_demo.py's config) saved like a real one,
+    its codebooks random (transformers initialises them to zeros: every code would be 0)."""
+    from demo.make_demo import build_audio_tokenizer
+
+    model = build_audio_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for q in model.quantizer.quantizers:
+            q.codebook.embed.copy_(torch.randn(q.codebook.embed.shape, generator=g))
+    path = str(tmp_path_factory.mktemp("audio_tokenizer"))
+    model.save_pretrained(path)
+    return path

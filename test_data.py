@@ -487,22 +487,6 @@ def test_expanded_length_matches_the_collator(tiny):
 # prepare
 
 
-@pytest.fixture(scope="module")
-def audio_tokenizer(tmp_path_factory):
-    """A tiny random HiggsAudioV2TokenizerModel (demo/make_demo.py's config) saved like a real one,
-    its codebooks random (transformers initialises them to zeros: every code would be 0)."""
-    from demo.make_demo import build_audio_tokenizer
-
-    model = build_audio_tokenizer()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for q in model.quantizer.quantizers:
-            q.codebook.embed.copy_(torch.randn(q.codebook.embed.shape, generator=g))
-    path = str(tmp_path_factory.mktemp("audio_tokenizer"))
-    model.save_pretrained(path)
-    return path
-
-
 def test_prepare_writes_codes_for_any_rate_and_resumes(tmp_path, tiny, audio_tokenizer, capsys):
     from transformers import HiggsAudioV2TokenizerModel
 

@@ -154,21 +154,6 @@ def test_word_error_rate():
 
 
 @pytest.fixture(scope="module")
-def audio_tokenizer(tmp_path_factory):
-    """A tiny random HiggsAudioV2TokenizerModel (demo/make_demo.py's config), random codebooks."""
-    from demo.make_demo import build_audio_tokenizer
-
-    model = build_audio_tokenizer()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for q in model.quantizer.quantizers:
-            q.codebook.embed.copy_(torch.randn(q.codebook.embed.shape, generator=g))
-    path = str(tmp_path_factory.mktemp("audio_tokenizer"))
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
     """Tiny random models of the real scorers' classes, saved with their processors like
     downloaded ones: Whisper and wav2vec2 CTC recognisers, a WavLM x-vector speaker model."""
