@@ -118,6 +118,8 @@ def main(argv=None) -> dict:
     p.add_argument("--peak_tflops", type=float, default=989.0)
     p.add_argument("--memory_budget", type=float, default=1.0,
                    help="torch.compile activation memory budget (<1 recomputes cheap ops in backward)")
+    p.add_argument("--static", action="store_true",
+                   help="compile for the first batch's shapes (recompiles when they change)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
     p.add_argument("--baseline", action="store_true",
                    help="also time transformers + PEFT on the identical batch (needs peft)")
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
-        model.compile_layers(args.memory_budget)
+        model.compile_layers(args.memory_budget, dynamic=None if args.static else True)
     model.train()
     trainable, total = count_parameters(model)
     params = [q for q in model.parameters() if q.requires_grad]

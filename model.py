@@ -492,7 +492,7 @@ class HiggsAudioModel(nn.Module):
         self.codebook_offsets = torch.arange(self.cfg.audio_num_codebooks,
                                              device=device) * self.cfg.codebook_rows
 
-    def compile_layers(self, memory_budget: float = 1.0) -> None:
+    def compile_layers(self, memory_budget: float = 1.0, dynamic: bool | None = True) -> None:
         """torch.compile each decoder layer (dynamic shapes: lengths and the text/audio split vary
         per batch); fuses norms, RoPE, SwiGLU and LoRA epilogues and recomputes cheap elementwise
         results in backward instead of storing them. memory_budget < 1 lets the compiler
@@ -501,7 +501,7 @@ class HiggsAudioModel(nn.Module):
 
         functorch_config.activation_memory_budget = memory_budget
         for layer in self.layers:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=dynamic)
 
     def embed_audio_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, K) -> (N, D): sum (or mean) over codebooks of row code_k + k * rows."""
