@@ -368,9 +368,11 @@ def _read_json(path: str) -> list[tuple[str, object]]:
         if text.lstrip().startswith("["):
             raise error
     else:
-        if isinstance(whole, list) or "\n" in text.strip():  # a list, or one multi-line object
-            return [(f"{path}: record {i}", o)
-                    for i, o in enumerate(whole if isinstance(whole, list) else [whole])]
+        if isinstance(whole, list):
+            return [(f"{path}:{line} (record {i})", o)
+                    for i, (o, line) in enumerate(zip(whole, _list_item_lines(text)))]
+        if "\n" in text.strip():  # one multi-line object
+            return [(f"{path}: record 0", whole)]
     out = []  # JSONL (one line parsed as a whole is JSONL too, so that errors name its line)
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
@@ -384,6 +386,22 @@ def _read_json(path: str) -> list[tuple[str, object]]:
     if all(isinstance(o, DataError) for _, o in out):
         raise error
     return out
+
+
+def _list_item_lines(text: str) -> list[int]:
+    """The line on which each element of a (valid) top-level JSON list starts."""
+    decoder, i, line, lines = json.JSONDecoder(), text.index("[") + 1, 1, []
+    line += text.count("\n", 0, i)
+    while True:
+        j = i
+        while text[j] in " \t\r\n,":
+            j += 1
+        if text[j] == "]":
+            return lines
+        line += text.count("\n", i, j)
+        lines.append(line)
+        _, i = decoder.raw_decode(text, j)
+        line += text.count("\n", j, i)
 
 
 def _is_swift(obj: dict) -> bool:

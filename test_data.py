@@ -541,3 +541,15 @@ def test_prepare_reports_files_it_cannot_encode(tmp_path, audio_tokenizer, capsy
     assert f"skipped: {path}:5 (record 4): no target audio" in out
     assert os.path.isfile(codes_path(str(tmp_path / "ok.wav")))
     assert not os.path.exists(codes_path(str(tmp_path / "tiny.wav")))
+
+
+def test_json_list_errors_name_the_line(tmp_path, capsys):
+    good = {"messages": [{"role": "user", "content": "a"},
+                         {"role": "assistant", "content": {"type": "audio", "audio_url": "x.wav"}}]}
+    bad = {"messages": [{"role": "user", "content": ""}]}
+    path = tmp_path / "list.json"
+    path.write_text("[\n  " + json.dumps(good) + ",\n\n  " + json.dumps(bad, indent=2) + "\n]\n")
+    rc, out, err = cli(["check", str(path)], capsys)
+    assert rc == 1
+    assert f"{path}:2 (record 0): messages[1].content: audio file" in out
+    assert f"{path}:4 (record 1): messages[0].content is empty text" in out
