@@ -3,6 +3,9 @@
     python bench.py                                   # released shape, random weights, GPU
     python bench.py --device cpu --preset tiny        # smoke run without a GPU
 
+    torchrun --nproc_per_node 8 bench.py              # + DDP scaling: per-GPU positions/s and
+                                                      # efficiency against the same step alone
+
 Each sample: 40 text tokens, a reference clip as a context assistant turn (--ref_seconds of
 codes), 40 more text tokens, a trained target clip (--target_seconds). Times forward + backward
 + optimizer after warm-up; the last line is JSON with positions_per_s, target_audio_s_per_s,
@@ -21,7 +24,7 @@ from data import AudioSegment, Sample
 from lora import count_parameters, inject_lora
 from loss import loss_sums, total_loss
 from model import HiggsAudioModel, HiggsConfig, init_weights
-from train import step_flops
+from train import TrainingForward, init_distributed, step_flops
 
 
 def synthetic_samples(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float, target_s: float,
@@ -125,7 +128,8 @@ def main(argv=None) -> dict:
                    help="also time transformers + PEFT on the identical batch (needs peft)")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    d = init_distributed(args.device)  # under torchrun: one process per GPU, DDP as train.py
+    device = torch.device(args.device, d.local_rank) if args.device == "cuda" else torch.device(args.device)
     cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -180,6 +184,28 @@ def main(argv=None) -> dict:
         peak_gib=peak, pipeline_samples_per_s=pipeline_samples_per_s,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
         memory_budget=args.memory_budget)
+
+    if d.world > 1:  # the same step through DDP: gradient all-reduce over every rank
+        import torch.distributed as dist
+
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            TrainingForward(model), device_ids=[device.index] if device.type == "cuda" else None)
+
+        def ddp_step():
+            with autocast:
+                sums, _ = ddp(batch, False)
+                loss = total_loss(sums, sums.detach())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        ddp_dt, _ = time_steps(ddp_step, args.warmup, args.steps, device)
+        result.update(world_size=d.world, per_gpu_positions_per_s=positions / ddp_dt,
+                      total_positions_per_s=d.world * positions / ddp_dt,
+                      scaling_efficiency=dt / ddp_dt)
+        dist.destroy_process_group()
+        if not d.main:
+            return result
 
     if args.baseline:
         try:
