@@ -267,13 +267,12 @@ def micro_batches(step: list[int], d: Dist, batch_size: int) -> list[list[int]]:
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def prefetched_steps(samples, collator, cfg, d: Dist, global_batch: int, epoch: int, start: int,
-                     workers: int, pin: bool):
+def prefetched_steps(samples, lengths, collator, cfg, d: Dist, global_batch: int, epoch: int,
+                     start: int, workers: int, pin: bool):
     """This rank's collated micro-batches for each step of an epoch from step `start` on,
     collated by `workers` background processes (0 = inline) so the GPU never waits."""
     from torch.utils.data import DataLoader
 
-    lengths = [expanded_length(s, collator.cfg) for s in samples] if cfg.group_by_length else None
     jobs = [[[samples[i] for i in mb] for mb in micro_batches(s, d, cfg.batch_size)]
             for s in step_indices(len(samples), global_batch, cfg.seed, epoch, lengths)[start:]]
     loader = DataLoader(jobs, batch_size=None, num_workers=workers, pin_memory=pin,
@@ -484,11 +483,12 @@ def train(cfg: TrainConfig) -> dict:
                               device, cfg.audio_tokenizer, cfg.asr_model, cfg.speaker_model)
 
     workers = cfg.num_workers if cfg.num_workers >= 0 else (2 if device.type == "cuda" else 0)
+    lengths = [expanded_length(s, model.cfg) for s in train_samples] if cfg.group_by_length else None
     stream = None
     while step < cfg.max_steps:
         if stream is None:
-            stream = prefetched_steps(train_samples, collator, cfg, d, global_batch, epoch,
-                                      step_in_epoch, workers, pin=device.type == "cuda")
+            stream = prefetched_steps(train_samples, lengths, collator, cfg, d, global_batch,
+                                      epoch, step_in_epoch, workers, pin=device.type == "cuda")
         cpu_batches = next(stream, None)
         if cpu_batches is None:
             epoch, step_in_epoch, stream = epoch + 1, 0, None
