@@ -507,7 +507,7 @@ def main(argv=None) -> int:
                      for i in range(len(prompts))]
         for name, r in zip(names, sampler(model, prompts, out_dir, names)):
             print(f"{os.path.join(out_dir, name)}: {describe(r)}")
-    except DataError as e:
+    except (DataError, OSError) as e:  # bad paths or data: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -163,6 +163,10 @@ def save_adapter(model: nn.Module, out_dir: str, base_model: str = "") -> None:
 def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not os.path.isfile(os.path.join(adapter_dir, name)):
+            raise FileNotFoundError(f"{adapter_dir}/{name} not found: --adapter must be a folder "
+                                    "written by train.py (OUT/adapter or a checkpoint's adapter/)")
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         config = json.load(f)
     tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
