@@ -91,6 +91,12 @@ def loss_sums(model, hidden: torch.Tensor, batch: Batch) -> LossSums:
     return LossSums(text_sum, text_count, audio_sum, audio_count)
 
 
+def voice_position_counts(batch: Batch) -> torch.Tensor:
+    """(B, 2): reference-audio and target-audio positions per sample."""
+    B = batch.input_ids.shape[0]
+    return torch.bincount(batch.voice_group, minlength=2 * B).view(B, 2)
+
+
 def voice_consistency_sums(hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over samples of 1 - cos(mean final hidden state over the reference-audio positions,
     mean over the target-audio positions), and the number of samples that have both."""
@@ -98,7 +104,7 @@ def voice_consistency_sums(hidden: torch.Tensor, batch: Batch) -> tuple[torch.Te
     B = hidden.shape[0]
     groups = flat.new_zeros(2 * B, flat.shape[1]).index_add(0, batch.voice_group,
                                                            flat[batch.voice_index])
-    counts = torch.bincount(batch.voice_group, minlength=2 * B).view(B, 2)
+    counts = voice_position_counts(batch)
     means = (groups.view(B, 2, -1) / counts.clamp(min=1)[..., None].to(flat.dtype))
     both = (counts > 0).all(dim=1)
     cos = F.cosine_similarity(means[:, 0], means[:, 1], dim=-1)

@@ -32,7 +32,7 @@ from data import DataError, expanded_length, invalid_summary, load_dataset, mode
 from generate import Sampler, Sampling, describe, load_prompts
 from lora import count_parameters, inject_lora, save_adapter, DEFAULT_TARGETS
 from loss import (LossSums, loss_sums, normalised_codebook_weights, total_loss,
-                  voice_consistency_sums)
+                  voice_consistency_sums, voice_position_counts)
 from model import HiggsConfig, build_model, load_model
 
 GROUP_WINDOW = 64  # steps per window of length-sorted samples (--group_by_length)
@@ -498,8 +498,8 @@ def train(cfg: TrainConfig) -> dict:
         counts = LossSums.counts(cpu_batches[0], K, "cpu")
         for b in cpu_batches[1:]:
             counts = counts + LossSums.counts(b, K, "cpu")
-        vc_count = sum(float(((torch.bincount(b.voice_group, minlength=2 * b.input_ids.shape[0])
-                               .view(-1, 2) > 0).all(1)).sum()) for b in cpu_batches)
+        # samples with both reference and target audio: the voice-consistency term's count
+        vc_count = sum(float((voice_position_counts(b) > 0).all(1).sum()) for b in cpu_batches)
         vec = torch.cat([counts.as_vector(), torch.tensor([vc_count])]).to(device)
         batches = [b.to(device) for b in cpu_batches]
         if d.world > 1:
