@@ -42,3 +42,21 @@ def audio_tokenizer(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("audio_tokenizer"))
     model.save_pretrained(path)
     return path
+
+
+def train_until_killed(monkeypatch, run, step: int) -> None:
+    """Call `run()` (a training run) and kill it right after its step-`step` checkpoint is
+    written, as a preemption would."""
+    import train
+
+    real_save = train.save_training_checkpoint
+
+    def save_then_die(cfg, d, model, opt, sched, state):
+        real_save(cfg, d, model, opt, sched, state)
+        if state["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_training_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train, "save_training_checkpoint", real_save)

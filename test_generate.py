@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import generate as gen
 import train as train_mod
 from collate import Collator
-from conftest import DEMO_DATA, ROOT
+from conftest import DEMO_DATA, ROOT, train_until_killed
 from data import CODES_FRAME_RATE, codes_path, load_records, load_tokenizer, record_from_json
 from lora import inject_lora, save_adapter
 from model import HiggsConfig, KVCache, build_model, load_model
@@ -298,17 +298,7 @@ def test_training_writes_samples_and_health_and_resumes_exactly(tiny_ckpt, audio
     assert losses(plain) == losses(full)
 
     part = tmp_path / "part"
-    real_save = train_mod.save_training_checkpoint
-
-    def save_then_die(cfg, d, model, opt, sched, state):
-        real_save(cfg, d, model, opt, sched, state)
-        if state["step"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_training_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(part, *sampling, ckpt=tiny_ckpt)
-    monkeypatch.undo()
+    train_until_killed(monkeypatch, lambda: run_train(part, *sampling, ckpt=tiny_ckpt), step=2)
     run_train(part, *sampling, "--resume", ckpt=tiny_ckpt)
     assert losses(part) == losses(full)
     a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (part, full))

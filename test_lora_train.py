@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import train as train_mod
 from collate import Collator
-from conftest import DEMO_DATA, ROOT
+from conftest import DEMO_DATA, ROOT, train_until_killed
 from data import load_records, load_tokenizer, make_sample
 from lora import LoRALinear, inject_lora, load_adapter, merged_state_dict, save_adapter, set_merged
 from loss import loss_sums, voice_consistency_sums
@@ -157,17 +157,7 @@ def test_resume_is_exact_and_partial_checkpoints_are_ignored(tiny_ckpt, tmp_path
     run_train(full, ckpt=tiny_ckpt)
 
     part = tmp_path / "part"
-    real_save = train_mod.save_training_checkpoint
-
-    def save_then_die(cfg, d, model, opt, sched, state):
-        real_save(cfg, d, model, opt, sched, state)
-        if state["step"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_training_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(part, ckpt=tiny_ckpt)
-    monkeypatch.setattr(train_mod, "save_training_checkpoint", real_save)
+    train_until_killed(monkeypatch, lambda: run_train(part, ckpt=tiny_ckpt), step=3)
 
     # an interrupted write leaves only a .tmp folder, which --resume never picks
     def broken_adapter(*a, **k):
