@@ -121,9 +121,12 @@ def main(argv=None) -> dict:
     p.add_argument("--peak_tflops", type=float, default=989.0)
     p.add_argument("--memory_budget", type=float, default=1.0,
                    help="torch.compile activation memory budget (<1 recomputes cheap ops in backward)")
+    p.add_argument("--cpp_wrapper", action="store_true",
+                   help="with --compile: launch the compiled kernels from C++ (less host overhead)")
     p.add_argument("--static", action="store_true",
                    help="compile for the first batch's shapes (recompiles when they change)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
+    p.add_argument("--trace", default="", help="with --profile: write a Chrome trace (CPU + CUDA) here")
     p.add_argument("--baseline", action="store_true",
                    help="also time transformers + PEFT on the identical batch (needs peft)")
     args = p.parse_args(argv)
@@ -140,7 +143,8 @@ def main(argv=None) -> dict:
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
-        model.compile_layers(args.memory_budget, dynamic=None if args.static else True)
+        model.compile_layers(args.memory_budget, dynamic=None if args.static else True,
+                             cpp_wrapper=args.cpp_wrapper)
     model.train()
     trainable, total = count_parameters(model)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -158,6 +162,8 @@ def main(argv=None) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
+        if args.compile:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             sums = loss_sums(model, model(batch), batch)
             loss = total_loss(sums, sums.detach())
@@ -169,10 +175,19 @@ def main(argv=None) -> dict:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
             step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+            torch.cuda.synchronize(device)
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+        # kernel time / wall time: well below 1 means the GPU waits on the host (launch-bound)
+        busy = sum(e.self_device_time_total for e in events) / 1e6 / wall
+        print(f"profiled step: {wall * 1e3:.1f} ms wall, GPU busy {busy:.0%}")
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
     positions = float(batch.attention_mask.sum())
     result = dict(
         preset=args.preset, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -183,7 +198,7 @@ def main(argv=None) -> dict:
         mfu=step_flops(model, batch) / dt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
         peak_gib=peak, pipeline_samples_per_s=pipeline_samples_per_s,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-        memory_budget=args.memory_budget)
+        memory_budget=args.memory_budget, cpp_wrapper=args.cpp_wrapper)
 
     if d.world > 1:  # the same step through DDP: gradient all-reduce over every rank
         import torch.distributed as dist

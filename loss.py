@@ -86,7 +86,8 @@ def loss_sums(model, hidden: torch.Tensor, batch: Batch) -> LossSums:
         audio_sum = ce.sum(0)
     else:
         audio_sum = flat.new_zeros(K, dtype=torch.float32) + 0.0 * flat.sum()
-    text_count = torch.tensor(float(batch.num_text_tokens), device=flat.device)
+    # filled on the device: a host-made tensor here would make the host wait for the forward
+    text_count = flat.new_full((), batch.num_text_tokens, dtype=torch.float32)
     audio_count = batch.num_audio_tokens().to(device=flat.device, dtype=torch.float32)
     return LossSums(text_sum, text_count, audio_sum, audio_count)
 

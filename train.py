@@ -61,8 +61,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each layer: ~3.7x transformers+PEFT speed (README)
+    compile: bool = False  # torch.compile each layer: 2.3-3.7x transformers+PEFT speed (README)
     compile_memory_budget: float = 1.0  # <1 recomputes more in backward to hold fewer activations
+    compile_cpp_wrapper: bool = False  # launch compiled kernels from C++: small batches, slow host
     group_by_length: bool = True  # batch samples of similar expanded length (less padding)
     num_workers: int = -1  # background collation processes; -1 = 2 on GPU, 0 on CPU
     # LoRA
@@ -411,7 +412,7 @@ def train(cfg: TrainConfig) -> dict:
     log(d, f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.compile:
-        model.compile_layers(cfg.compile_memory_budget)
+        model.compile_layers(cfg.compile_memory_budget, cpp_wrapper=cfg.compile_cpp_wrapper)
     model.train()
     torch.manual_seed(cfg.seed * 1000 + d.rank + 1)  # distinct dropout masks per rank
     step_module = TrainingForward(model)
@@ -505,7 +506,10 @@ def train(cfg: TrainConfig) -> dict:
         if d.world > 1:
             dist.all_reduce(vec)
         global_counts, global_vc = LossSums.from_vector(vec[:-1]), vec[-1]
-        step_sums, vc_sum, flops = None, torch.zeros((), device=device), 0.0
+        step_sums, vc_sum = None, torch.zeros((), device=device)
+        # FLOPs and positions from the host copies: reading the GPU batches would stall the queue
+        flops = sum(step_flops(model, b) for b in cpu_batches)
+        positions = sum(float(b.attention_mask.sum()) for b in cpu_batches) * d.world
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1 or d.world == 1
             with (nullcontext() if sync else ddp.no_sync()), autocast():
@@ -518,7 +522,6 @@ def train(cfg: TrainConfig) -> dict:
                 # DDP averages gradients over ranks; the objective is their sum
                 (loss * d.world).backward()
             step_sums = sums.detach() if step_sums is None else step_sums + sums.detach()
-            flops += step_flops(model, batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         local = torch.cat([step_sums.as_vector(), vc_sum.view(1)])
         if d.world > 1:
@@ -542,7 +545,6 @@ def train(cfg: TrainConfig) -> dict:
             raise SystemExit(f"stopping: {bad_steps} consecutive non-finite steps")
 
         dt = time.time() - t0
-        positions = sum(float(b.attention_mask.sum()) for b in batches) * d.world
         audio_frames = stats["num_audio_tokens_per_codebook"][0] if K else 0
         last_metrics = dict(
             step=step, epoch=epoch, loss=stats["text_loss"] * cfg.text_loss_weight +
