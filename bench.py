@@ -9,12 +9,14 @@
 Each sample: 40 text tokens, a reference clip as a context assistant turn (--ref_seconds of
 codes), 40 more text tokens, a trained target clip (--target_seconds). Times forward + backward
 + optimizer after warm-up; the last line is JSON with positions_per_s, target_audio_s_per_s,
-mfu (FLOPs counted as in train.step_flops), peak_gib, and the CPU data pipeline's samples/s.
+mfu (FLOPs counted as in train.step_flops), peak_gib, the CPU data pipeline's samples/s, and the
+versions and host CPU that produced them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -85,6 +87,28 @@ def baseline_inputs(batch, cfg: HiggsConfig) -> dict:
     labels[mask] = stream
     return dict(input_ids=ids, attention_mask=batch.attention_mask.long(), audio_input_ids=audio,
                 audio_input_ids_mask=mask, labels=batch.labels, audio_labels=labels)
+
+
+def environment() -> dict:
+    """Versions and host CPU: both move the numbers (the baseline's memory follows the
+    transformers version; at batch 8 the host CPU's speed sets how long the GPU waits)."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft_version,
+                host_cpu=cpu, host_cores=os.cpu_count())
 
 
 def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float | None]:
@@ -198,7 +222,7 @@ def main(argv=None) -> dict:
         mfu=step_flops(model, batch) / dt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
         peak_gib=peak, pipeline_samples_per_s=pipeline_samples_per_s,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-        memory_budget=args.memory_budget, cpp_wrapper=args.cpp_wrapper)
+        memory_budget=args.memory_budget, cpp_wrapper=args.cpp_wrapper, **environment())
 
     if d.world > 1:  # the same step through DDP: gradient all-reduce over every rank
         import torch.distributed as dist
