@@ -26,7 +26,7 @@ from data import AudioSegment, Sample
 from lora import count_parameters, inject_lora
 from loss import loss_sums, total_loss
 from model import HiggsAudioModel, HiggsConfig, init_weights
-from train import TrainingForward, init_distributed, step_flops
+from train import data_parallel, init_distributed, step_flops
 
 
 def synthetic_samples(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float, target_s: float,
@@ -227,8 +227,7 @@ def main(argv=None) -> dict:
     if d.world > 1:  # the same step through DDP: gradient all-reduce over every rank
         import torch.distributed as dist
 
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            TrainingForward(model), device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = data_parallel(model, device, d.world)
 
         def ddp_step():
             with autocast:

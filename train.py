@@ -395,6 +395,17 @@ class TrainingForward(torch.nn.Module):
         return sums, vs
 
 
+def data_parallel(model, device, world: int) -> torch.nn.Module:
+    """Model + loss, under DDP when there are several ranks (bench.py times this same module)."""
+    step_module = TrainingForward(model)
+    if world == 1:
+        return step_module
+    # find_unused_parameters: a micro-batch without audio leaves the audio-FFN LoRA unused
+    return torch.nn.parallel.DistributedDataParallel(
+        step_module, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True)
+
+
 def train(cfg: TrainConfig) -> dict:
     d = init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     device, dtype = resolve_device(cfg, d)
@@ -415,11 +426,7 @@ def train(cfg: TrainConfig) -> dict:
         model.compile_layers(cfg.compile_memory_budget, cpp_wrapper=cfg.compile_cpp_wrapper)
     model.train()
     torch.manual_seed(cfg.seed * 1000 + d.rank + 1)  # distinct dropout masks per rank
-    step_module = TrainingForward(model)
-    # find_unused_parameters: a micro-batch without audio leaves the audio-FFN LoRA unused
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        step_module, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=True) if d.world > 1 else step_module
+    ddp = data_parallel(model, device, d.world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
