@@ -514,9 +514,6 @@ def train(cfg: TrainConfig) -> dict:
             dist.all_reduce(vec)
         global_counts, global_vc = LossSums.from_vector(vec[:-1]), vec[-1]
         step_sums, vc_sum = None, torch.zeros((), device=device)
-        # FLOPs and positions from the host copies: reading the GPU batches would stall the queue
-        flops = sum(step_flops(model, b) for b in cpu_batches)
-        positions = sum(float(b.attention_mask.sum()) for b in cpu_batches) * d.world
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1 or d.world == 1
             with (nullcontext() if sync else ddp.no_sync()), autocast():
@@ -529,6 +526,10 @@ def train(cfg: TrainConfig) -> dict:
                 # DDP averages gradients over ranks; the objective is their sum
                 (loss * d.world).backward()
             step_sums = sums.detach() if step_sums is None else step_sums + sums.detach()
+        # counted from the host copies while the GPU runs the backward (reading the GPU batches
+        # would make the host wait for it)
+        flops = sum(step_flops(model, b) for b in cpu_batches)
+        positions = sum(float(b.attention_mask.sum()) for b in cpu_batches) * d.world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         local = torch.cat([step_sums.as_vector(), vc_sum.view(1)])
         if d.world > 1:
