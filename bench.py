@@ -246,9 +246,7 @@ def main(argv=None) -> dict:
             return result
 
     if args.baseline:
-        try:
-            import peft  # noqa: F401
-        except ImportError:
+        if result["peft"] is None:  # environment() found no peft
             print("--baseline skipped: pip install peft (a benchmark-only dependency)")
         else:
             del model, opt, params
