@@ -251,6 +251,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def linears_on(x, *linears) -> list[torch.Tensor]:
+    """Apply linears that read the same input; LoRA-wrapped ones share work (lora.py)."""
+    joint = getattr(linears[0], "group_forward", None)
+    return joint(x, linears) if joint else [m(x) for m in linears]
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward, named like LlamaMLP."""
 
@@ -261,7 +267,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears_on(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rope_inv_freq(cfg: HiggsConfig, device=None) -> torch.Tensor:
@@ -307,9 +314,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv: LayerKV | None = None):
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = linears_on(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin

@@ -53,6 +53,30 @@ def test_fresh_lora_is_identity_and_merge_matches(tiny_ckpt):
     torch.testing.assert_close(outputs(model, batch), unmerged, rtol=1e-6, atol=1e-5)
 
 
+def test_sibling_loras_share_one_down_projection():
+    """q/k/v (and gate/up) run their A matrices as one GEMM; outputs and every gradient match
+    the module-by-module path."""
+    torch.manual_seed(0)
+    mods = [LoRALinear(torch.nn.Linear(16, n, bias=False), r=4, alpha=8) for n in (16, 8, 8)]
+    for m in mods:
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    results = []
+    for run in (lambda: LoRALinear.group_forward(x, mods), lambda: [m(x) for m in mods]):
+        outs = run()
+        sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outs)).backward()
+        params = [p for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]
+        results.append([o.detach() for o in outs] + [x.grad.clone()] + [p.grad.clone() for p in params])
+        x.grad = None
+        for p in params:
+            p.grad = None
+    for joint, separate in zip(*results):
+        torch.testing.assert_close(joint, separate, rtol=1e-6, atol=1e-6)
+    set_merged(torch.nn.ModuleList(mods), True)  # merged adapters take the plain path
+    torch.testing.assert_close(LoRALinear.group_forward(x, mods)[1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
 def test_only_lora_and_chosen_modules_get_gradients(tiny_ckpt):
     model, batch = demo_batch(tiny_ckpt)
     inject_lora(model, r=4, alpha=8, targets="audio_mlp",
