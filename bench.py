@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -111,21 +112,25 @@ def environment() -> dict:
                 host_cpu=cpu, host_cores=os.cpu_count())
 
 
-def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float | None]:
-    """(seconds per step, peak GiB) after warm-up."""
+def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float, float | None]:
+    """(median seconds per step, max/min step-time ratio, peak GiB) after warm-up. Each step is
+    timed on its own (synchronized) and the median taken, so one stall of a shared host does
+    not move the result; the ratio shows how steady the steps were."""
     for _ in range(warmup):
         step()
     cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         step()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    return dt, torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+    return statistics.median(times), max(times) / min(times), peak
 
 
 def main(argv=None) -> dict:
@@ -195,7 +200,7 @@ def main(argv=None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dt, peak = time_steps(step, args.warmup, args.steps, device)
+    dt, spread, peak = time_steps(step, args.warmup, args.steps, device)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -208,15 +213,17 @@ def main(argv=None) -> dict:
         events = prof.key_averages()
         print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
         # kernel time / wall time: well below 1 means the GPU waits on the host (launch-bound)
-        busy = sum(e.self_device_time_total for e in events) / 1e6 / wall
-        print(f"profiled step: {wall * 1e3:.1f} ms wall, GPU busy {busy:.0%}")
+        kernel_s = sum(e.self_device_time_total for e in events) / 1e6
+        kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+        print(f"profiled step: {wall * 1e3:.1f} ms wall, {kernel_s * 1e3:.1f} ms in {kernels} "
+              f"kernels, GPU busy {kernel_s / wall:.0%}")
         if args.trace:
             prof.export_chrome_trace(args.trace)
     positions = float(batch.attention_mask.sum())
     result = dict(
         preset=args.preset, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         batch_size=args.batch_size, positions_per_sample=positions / args.batch_size,
-        trainable_params=trainable, total_params=total, step_seconds=dt,
+        trainable_params=trainable, total_params=total, step_seconds=dt, step_time_spread=spread,
         positions_per_s=positions / dt,
         target_audio_s_per_s=args.batch_size * args.target_seconds / dt,
         mfu=step_flops(model, batch) / dt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
@@ -237,7 +244,7 @@ def main(argv=None) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        ddp_dt, _ = time_steps(ddp_step, args.warmup, args.steps, device)
+        ddp_dt, _, _ = time_steps(ddp_step, args.warmup, args.steps, device)
         result.update(world_size=d.world, per_gpu_positions_per_s=positions / ddp_dt,
                       total_positions_per_s=d.world * positions / ddp_dt,
                       scaling_efficiency=dt / ddp_dt)
@@ -268,7 +275,7 @@ def main(argv=None) -> dict:
                 base_opt.step()
                 base_opt.zero_grad(set_to_none=True)
 
-            base_dt, base_peak = time_steps(base_step, args.warmup, args.steps, device)
+            base_dt, _, base_peak = time_steps(base_step, args.warmup, args.steps, device)
             result.update(baseline_positions_per_s=positions / base_dt, baseline_peak_gib=base_peak,
                           speedup=base_dt / dt,
                           memory_ratio=peak / base_peak if peak and base_peak else None)
