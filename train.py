@@ -61,7 +61,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each layer: 2.3-3.7x transformers+PEFT speed (README)
+    compile: bool = False  # torch.compile each layer: 2.3-4.2x transformers+PEFT speed (README)
     compile_memory_budget: float = 1.0  # <1 recomputes more in backward to hold fewer activations
     compile_cpp_wrapper: bool = False  # launch compiled kernels from C++: small batches, slow host
     group_by_length: bool = True  # batch samples of similar expanded length (less padding)
