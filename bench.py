@@ -202,6 +202,7 @@ def main(argv=None) -> dict:
 
     dt, spread, peak = time_steps(step, args.warmup, args.steps, device)
     if args.profile:
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
@@ -213,8 +214,10 @@ def main(argv=None) -> dict:
         events = prof.key_averages()
         print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
         # kernel time / wall time: well below 1 means the GPU waits on the host (launch-bound)
-        kernel_s = sum(e.self_device_time_total for e in events) / 1e6
-        kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+        # device-side events only: with --trace the CPU ops also carry their kernels' time
+        on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+        kernel_s = sum(e.self_device_time_total for e in on_gpu) / 1e6
+        kernels = sum(e.count for e in on_gpu)
         print(f"profiled step: {wall * 1e3:.1f} ms wall, {kernel_s * 1e3:.1f} ms in {kernels} "
               f"kernels, GPU busy {kernel_s / wall:.0%}")
         if args.trace:
