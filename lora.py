@@ -69,15 +69,15 @@ class LoRALinear(nn.Module):
     def combine(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """W x + (alpha/r) B low, for low = A dropout(x). The scaling multiplies the small B
         instead of the (positions, out) product: one pass less over the activations."""
-        return F.linear(x, self.weight, self.bias) + F.linear(low, (self.lora_B.weight * self.scaling)
-                                                              .to(x.dtype))
+        scaled_b = (self.lora_B.weight * self.scaling).to(x.dtype)
+        return F.linear(x, self.weight, self.bias) + F.linear(low, scaled_b)
 
     @staticmethod
     def group_forward(x: torch.Tensor, modules) -> list[torch.Tensor]:
         """Several linears on one input (q/k/v, gate/up). When all are unmerged LoRA linears
         without dropout, their down-projections run as one GEMM x @ [A_1; A_2; ...]^T: x is read
-        once instead of once per module, and forward and backward launch a third of the small
-        GEMMs (README, Performance). With dropout each module keeps its own mask, as in PEFT."""
+        once instead of once per module, and forward and backward launch one A-side GEMM each
+        instead of one per module (README, Performance). With dropout each module keeps its own mask, as in PEFT."""
         if not all(isinstance(m, LoRALinear) and not m.merged and isinstance(m.dropout, nn.Identity)
                    for m in modules):
             return [m(x) for m in modules]
