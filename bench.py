@@ -25,7 +25,7 @@ import torch
 from collate import Collator
 from data import AudioSegment, Sample
 from lora import count_parameters, inject_lora
-from loss import loss_sums, total_loss
+from loss import total_loss
 from model import HiggsAudioModel, HiggsConfig, init_weights
 from train import data_parallel, init_distributed, step_flops
 
@@ -190,16 +190,20 @@ def main(argv=None) -> dict:
     batch = batch.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step():
-        if args.compile:
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast:
-            sums = loss_sums(model, model(batch), batch)
-            loss = total_loss(sums, sums.detach())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def training_step(module):
+        """One optimizer step through `module` (model + loss, as train.data_parallel builds it)."""
+        def step():
+            if args.compile:
+                torch.compiler.cudagraph_mark_step_begin()
+            with autocast:
+                sums, _ = module(batch, False)
+                loss = total_loss(sums, sums.detach())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
 
+    step = training_step(data_parallel(model, device, 1))
     dt, spread, peak = time_steps(step, args.warmup, args.steps, device)
     if args.profile:
         from torch.autograd import DeviceType
@@ -237,16 +241,7 @@ def main(argv=None) -> dict:
     if d.world > 1:  # the same step through DDP: gradient all-reduce over every rank
         import torch.distributed as dist
 
-        ddp = data_parallel(model, device, d.world)
-
-        def ddp_step():
-            with autocast:
-                sums, _ = ddp(batch, False)
-                loss = total_loss(sums, sums.detach())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        ddp_step = training_step(data_parallel(model, device, d.world))
         ddp_dt, _, _ = time_steps(ddp_step, args.warmup, args.steps, device)
         result.update(world_size=d.world, per_gpu_positions_per_s=positions / ddp_dt,
                       total_positions_per_s=d.world * positions / ddp_dt,
