@@ -484,7 +484,7 @@ def train(cfg: TrainConfig) -> dict:
 
     sampler = None
     if prompts and d.main:
-        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        with rng_kept(device):
             sampler = Sampler(Sampling(temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
                                        top_p=cfg.sample_top_p, seed=cfg.seed,
                                        max_seconds=cfg.sample_max_seconds),
@@ -616,13 +616,18 @@ def sample_prompts(cfg: TrainConfig, eval_path: str, tokenizer, model_cfg) -> li
     return load_prompts(path, cfg.sample_count, tokenizer, model_cfg)
 
 
+def rng_kept(device):
+    """Context in which random draws leave the CPU and `device` generators as they were."""
+    return torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else [])
+
+
 def listen(cfg: TrainConfig, sampler: Sampler, model, prompts: list, step: int, device) -> list:
     """Rank 0: the current adapter's samples in OUT/samples/step_N/, their health rows for
     metrics.jsonl, and a loud warning for each failed check. Leaves every RNG as it was, so a
     resumed run stays exact."""
     out_dir = os.path.join(cfg.output_dir, "samples", f"step_{step:08d}")
     names = [f"sample{i}" for i in range(len(prompts))]
-    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+    with rng_kept(device):
         results = sampler(model, prompts, out_dir, names)
     print(f"samples at step {step} in {out_dir}:", flush=True)
     for name, r in zip(names, results):
