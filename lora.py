@@ -77,7 +77,8 @@ class LoRALinear(nn.Module):
         """Several linears on one input (q/k/v, gate/up). When all are unmerged LoRA linears
         without dropout, their down-projections run as one GEMM x @ [A_1; A_2; ...]^T: x is read
         once instead of once per module, and forward and backward launch one A-side GEMM each
-        instead of one per module (README, Performance). With dropout each module keeps its own mask, as in PEFT."""
+        instead of one per module (README, Performance). With dropout each module keeps its own
+        mask, as in PEFT."""
         if not all(isinstance(m, LoRALinear) and not m.merged and isinstance(m.dropout, nn.Identity)
                    for m in modules):
             return [m(x) for m in modules]
