@@ -11,23 +11,73 @@ codes), 40 more text tokens, a trained target clip (--target_seconds). Times for
 + optimizer after warm-up; the last line is JSON with positions_per_s, target_audio_s_per_s,
 mfu (FLOPs counted as in train.step_flops), peak_gib, the CPU data pipeline's samples/s, and the
 versions and host CPU that produced them.
+
+    python bench.py --generate --batch_size 16 [--frames 250] [--baseline]
+    python bench.py --generate --preset tiny --device cpu      # smoke run
+
+Generation (bench_generate): greedy voice cloning of --batch_size prompts (text, a --ref_seconds
+reference clip, text) for --frames frames each; the last line is JSON with ms_per_frame and
+audio_seconds_per_s over whole generate calls (prefill included), and compile_seconds; with
+--baseline also transformers' HiggsAudioV2ForConditionalGeneration.generate on the same weights
+and prompts (baseline_ms_per_frame, generate_speedup).
 """
 from __future__ import annotations
 
-import argparse
+import gc
 import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+from audio import CODES_FRAME_RATE
+from chatml import AudioSegment, Sample
+from checkpoint import transformers_config, transformers_name
+from generate import Prompt, Sampling, generate
+from cli import option, parse
 from collate import Collator
-from data import AudioSegment, Sample
+from device import init_distributed, local_rank
 from lora import count_parameters, inject_lora
-from loss import total_loss
+from loss import Objective
 from model import HiggsAudioModel, HiggsConfig, init_weights
-from train import data_parallel, init_distributed, step_flops
+from train import H100_BF16_TFLOPS, data_parallel, step_flops
+
+
+@dataclass
+class BenchConfig:
+    """Training-step benchmark at the released shape (random weights)"""
+    preset: str = option("released", "model shape", choices=("released", "tiny"))
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu",
+                         choices=("cuda", "cpu"))
+    batch_size: int = option(8, "samples per step", min=1)
+    text_tokens: int = option(40, "text tokens before each clip of a sample", min=1)
+    ref_seconds: float = option(8.0, "reference clip (context audio), seconds", above=0)
+    target_seconds: float = option(10.0, "target clip (trained audio), seconds", above=0)
+    lora_r: int = option(64, "LoRA rank", min=1)
+    lora_alpha: float = option(128.0, "LoRA alpha", above=0)
+    steps: int = option(0, "timed steps, the median is reported; 0: 10 training steps, or 3 "
+                        "generate calls with --generate", min=0)
+    warmup: int = option(-1, "untimed steps first (compilation happens here); -1: 3, or 1 with "
+                         "--generate", min=-1)
+    activation_checkpointing: bool = option(False, "recompute each layer in backward")
+    compile: bool = option(False, "torch.compile each decoder layer")
+    peak_tflops: float = option(H100_BF16_TFLOPS, "per-GPU peak bf16 TFLOP/s for MFU", above=0)
+    memory_budget: float = option(1.0, "with --compile: activation memory budget; below 1 "
+                                  "recomputes cheap ops in backward", above=0, max=1)
+    cpp_wrapper: bool = option(False, "with --compile: launch the compiled kernels from C++")
+    static: bool = option(False, "with --compile: compile for the first batch's shapes only")
+    profile: bool = option(False, "print the top CUDA kernels of one step, kernel time and count")
+    trace: str = option("", "with --profile: write a Chrome trace (CPU + CUDA) to this file")
+    baseline: bool = option(False, "also time transformers + PEFT on the identical batch (needs "
+                            "peft); with --generate: transformers' generate on the same prompts")
+    generate: bool = option(False, "time generation instead of training (see above)")
+    frames: int = option(250, "with --generate: frames per stream (25 per second of audio)", min=1)
+    decode: str = option("auto", "with --generate: how each frame runs (generate.generate)",
+                         choices=("auto", "compile", "cuda_graph", "eager", "dynamic"))
+    sample_lora: bool = option(False, "with --generate: with unmerged LoRA adapters of rank "
+                               "--lora_r, as train.py --sample_every runs")
 
 
 def synthetic_samples(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float, target_s: float,
@@ -133,35 +183,115 @@ def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float, flo
     return statistics.median(times), max(times) / min(times), peak
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["released", "tiny"], default="released")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--text_tokens", type=int, default=40)
-    p.add_argument("--ref_seconds", type=float, default=8.0)
-    p.add_argument("--target_seconds", type=float, default=10.0)
-    p.add_argument("--lora_r", type=int, default=64)
-    p.add_argument("--lora_alpha", type=float, default=128.0)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--activation_checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    p.add_argument("--peak_tflops", type=float, default=989.0)
-    p.add_argument("--memory_budget", type=float, default=1.0,
-                   help="torch.compile activation memory budget (<1 recomputes cheap ops in backward)")
-    p.add_argument("--cpp_wrapper", action="store_true",
-                   help="with --compile: launch the compiled kernels from C++ (less host overhead)")
-    p.add_argument("--static", action="store_true",
-                   help="compile for the first batch's shapes (recompiles when they change)")
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
-    p.add_argument("--trace", default="", help="with --profile: write a Chrome trace (CPU + CUDA) here")
-    p.add_argument("--baseline", action="store_true",
-                   help="also time transformers + PEFT on the identical batch (needs peft)")
-    args = p.parse_args(argv)
+def generation_prompts(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float,
+                       seed: int = 0) -> list[Prompt]:
+    """Voice-cloning prompts of one length: text, a reference clip as an assistant audio turn,
+    text, then <|audio_out_bos|> where generation starts."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda: torch.randint(0, cfg.pad_token_id - 1, (text_tokens,), generator=g)  # noqa: E731
+    bos, K = cfg.audio_out_bos_token_id, cfg.audio_num_codebooks
+    triplet = torch.tensor([bos, cfg.audio_out_token_id, cfg.audio_eos_token_id])
+    prompts = []
+    for _ in range(n):
+        ids = torch.cat([text(), triplet, text(), torch.tensor([bos])])
+        codes = torch.randint(0, cfg.audio_codebook_size, (K, int(ref_s * 25)), generator=g)
+        sample = Sample(ids, torch.full_like(ids, -100), [AudioSegment(codes, None, True)])
+        prompts.append(Prompt(sample, "", None, codes, None))
+    return prompts
 
-    d = init_distributed(args.device)  # under torchrun: one process per GPU, DDP as train.py
-    device = torch.device(args.device, d.local_rank) if args.device == "cuda" else torch.device(args.device)
+
+def baseline_generator(model: HiggsAudioModel, prompts: list[Prompt], frames: int):
+    """transformers' HiggsAudioV2ForConditionalGeneration with our weights, and a call of its
+    generate on the same prompts: greedy, its own cache, frames + 1 new frames (its first is the
+    all-BOS frame that our loop feeds without a step); returns the new frames (B, K, frames + 1)."""
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+    cfg = model.cfg
+    settings = {k: v for k, v in transformers_config(cfg).items()
+                if k not in ("model_type", "architectures")}
+    weight = model.norm.weight
+    with torch.device(weight.device):
+        base = HiggsAudioV2ForConditionalGeneration(HiggsAudioV2Config(**settings)).to(weight.dtype)
+    base.load_state_dict({transformers_name(k): v for k, v in model.state_dict().items()
+                          if "text_lm_head" not in k and "lora_" not in k})
+    base.eval()
+    batch = Collator(cfg)([p.sample for p in prompts]).to(weight.device)
+    inputs = baseline_inputs(batch, cfg)
+    n = int(batch.attention_mask.sum(1).max())  # the collator's round-up padding: cut
+    inputs = dict(input_ids=inputs["input_ids"][:, :n],
+                  attention_mask=inputs["attention_mask"][:, :n],
+                  audio_input_ids=inputs["audio_input_ids"],
+                  audio_input_ids_mask=inputs["audio_input_ids_mask"])
+
+    @torch.no_grad()
+    def run():
+        out = base.generate(**inputs, max_new_tokens=frames + 1, do_sample=False)
+        return out[:, -(frames + 1):].transpose(1, 2)
+    return run
+
+
+def bench_generate(args: BenchConfig) -> dict:
+    """Generation benchmark at a preset's shape (random weights, stream-EOS rows of the audio
+    head zeroed so that every stream runs all --frames frames): whole generate calls timed after
+    warm-up, the first of which builds (compiles, captures) the decode step."""
+    device = torch.device(args.device)
+    cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HiggsAudioModel(cfg)
+    init_weights(model)
+    model.to(dtype).eval()
+    with torch.no_grad():  # stream EOS can never win: every stream runs the full length
+        rows = cfg.codebook_rows
+        model.audio_decoder_proj.audio_lm_head.weight[cfg.audio_stream_eos_id::rows] = 0
+    if args.sample_lora:
+        inject_lora(model, args.lora_r, args.lora_alpha)
+    prompts = generation_prompts(cfg, args.batch_size, args.text_tokens, args.ref_seconds)
+    sampling = Sampling(temperature=0, ras_window=0, max_seconds=args.frames / CODES_FRAME_RATE)
+    outputs = []
+    dt, spread, peak = time_steps(lambda: outputs.append(generate(model, prompts, sampling,
+                                                                  decode=args.decode)),
+                                  args.warmup, args.steps, device)
+    streams = torch.stack([g.stream for g in outputs[-1]])
+    assert streams.shape[2] == args.frames + 1, "a stream ended early"
+    step = getattr(model, "decode_step_cache", None)  # None: --decode dynamic
+    audio_seconds = args.batch_size * args.frames / CODES_FRAME_RATE  # per generate call
+    result = dict(
+        preset=args.preset,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        decode=step.mode if step else args.decode, batch_size=args.batch_size, frames=args.frames,
+        prompt_positions=int(Collator(cfg)([prompts[0].sample]).attention_mask.sum()),
+        sample_lora=args.sample_lora, seconds=dt, ms_per_frame=dt / args.frames * 1e3,
+        audio_seconds_per_s=audio_seconds / dt,
+        compile_seconds=step.build_seconds if step else 0.0,
+        time_spread=spread, peak_gib=peak, **environment())
+    if args.baseline:
+        run = baseline_generator(model, prompts, args.frames)
+        del model, step
+        gc.collect()  # the model and its decode step refer to each other
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        got = []
+        base_dt, _, base_peak = time_steps(lambda: got.append(run()), args.warmup, args.steps,
+                                           device)
+        result.update(baseline_ms_per_frame=base_dt / args.frames * 1e3,
+                      baseline_audio_seconds_per_s=audio_seconds / base_dt,
+                      baseline_peak_gib=base_peak, generate_speedup=base_dt / dt,
+                      # exact in fp32; bf16 rounding may part the two after a while
+                      baseline_same_codes=torch.equal(got[-1].cpu(), streams))
+    print(json.dumps(result))
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse(BenchConfig, argv, __doc__)
+    if args.generate:
+        args.steps, args.warmup = args.steps or 3, 1 if args.warmup < 0 else args.warmup
+        return bench_generate(args)
+    args.steps, args.warmup = args.steps or 10, 3 if args.warmup < 0 else args.warmup
+    device = torch.device(args.device, local_rank()) if args.device == "cuda" else torch.device("cpu")
+    d = init_distributed(device)  # under torchrun: one process per GPU, DDP as train.py
     cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -190,20 +320,22 @@ def main(argv=None) -> dict:
     batch = batch.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    objective = Objective(cfg)
+
     def training_step(module):
         """One optimizer step through `module` (model + loss, as train.data_parallel builds it)."""
         def step():
             if args.compile:
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast:
-                sums, _ = module(batch, False)
-                loss = total_loss(sums, sums.detach())
+                sums = module(batch)
+                loss = objective.loss(sums, sums.detach())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
-    step = training_step(data_parallel(model, device, 1))
+    step = training_step(data_parallel(model, objective, device, 1))
     dt, spread, peak = time_steps(step, args.warmup, args.steps, device)
     if args.profile:
         from torch.autograd import DeviceType
@@ -241,7 +373,7 @@ def main(argv=None) -> dict:
     if d.world > 1:  # the same step through DDP: gradient all-reduce over every rank
         import torch.distributed as dist
 
-        ddp_step = training_step(data_parallel(model, device, d.world))
+        ddp_step = training_step(data_parallel(model, objective, device, d.world))
         ddp_dt, _, _ = time_steps(ddp_step, args.warmup, args.steps, device)
         result.update(world_size=d.world, per_gpu_positions_per_s=positions / ddp_dt,
                       total_positions_per_s=d.world * positions / ddp_dt,

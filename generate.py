@@ -1,67 +1,61 @@
-"""Zero-shot voice cloning with our model, and health checks that catch the usual fine-tuning
-failures (silence, a stream that never ends, loops) in what a checkpoint actually says.
+"""Zero-shot voice cloning with our model, to hear what a checkpoint says:
 
     python generate.py --model CKPT [--adapter DIR] --ref_audio REF.wav --ref_text "..." \\
-        --text "..." ["..." ...] --out OUT.wav [--tokenizer AUDIO_TOKENIZER_DIR]
+        --text "..." ["..." ...] --out OUT.wav [--tokenizer AUDIO_TOKENIZER]
     python generate.py --model CKPT [--adapter DIR] --data PROMPTS.jsonl --out_dir DIR [...]
 
-Mirrors the official serve engine + `HiggsAudioModel.generate` (SPEC section 11): the ChatML
-prompt, then `<|start_header_id|>assistant<|end_header_id|>\\n\\n<|audio_out_bos|>`; the first
-audio position is fed an all-stream-BOS frame, each step feeds the last frame and picks the next
-one per codebook; with the delay pattern codebook k is held at BOS for its first k frames, and
-once a codebook emits stream EOS the codebooks before it are forced to EOS and one more codebook
-is forced per step (the official countdown, including its one-step lag) until all have ended.
-Output: `OUT.codes.npy` (delay reverted, stream BOS/EOS dropped), and with `--tokenizer` (a
-transformers `HiggsAudioV2TokenizerModel` folder) the 24 kHz `OUT.wav`; `OUT.ref.wav` is the
-reference and `OUT.json` the text and the health figures. Generation stops when the audio ends: the official loop would go on
-with text tokens (`<|audio_eos|>`, `<|eot_id|>`) that carry nothing.
+Mirrors the official serve engine + `HiggsAudioModel.generate` (OFFICIAL.md section 10): the
+ChatML prompt, then `<|start_header_id|>assistant<|end_header_id|>\\n\\n<|audio_out_bos|>`; the
+first audio position is fed an all-stream-BOS frame, each step feeds the last frame and picks the
+next one per codebook; with the delay pattern codebook k is held at BOS for its first k frames,
+and once a codebook emits stream EOS the codebooks before it are forced to EOS and one more
+codebook is forced per step (the official countdown, with its one-step lag) until all have ended.
+Generation stops when the audio ends (the official loop would go on with text tokens). Each
+output is checked by health.py; train.py --sample_every uses the same Listener.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
-import re
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import soundfile as sf
 import torch
 
-from collate import IGNORE, Collator
-from data import (CODES_FRAME_RATE, CODES_HOP, CODES_SAMPLE_RATE, SPEAKING_RATE_FACTOR, AudioPart,
-                  DataError, Record, Sample, TextPart, save_codes, cloning_record, codes_path,
-                  load_audio, load_records, make_sample, record_from_json)
-from model import KVCache
+import checkpoint
+from audio import (CODES_FRAME_RATE, CODES_SAMPLE_RATE, codes_path, decode_codes, load_audio,
+                   load_audio_tokenizer, save_codes)
+from chatml import (IGNORE, AudioPart, DataError, Record, Sample, TextPart, cloning_record,
+                    record_from_json)
+from cli import option, parse
+from collate import Collator
+from data import make_sample
+from device import resolve_device
+from formats import load_records
+from health import AsrScorer, SpeakerScorer, describe, health
+from lora import load_adapter
+from model import KVCache, StaticKVCache
 
 GENERATION_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
-
-# Health thresholds (README "Listening to checkpoints")
-SILENT_RMS = 0.01  # -40 dBFS over a 40 ms frame: below any speech at a normal recording level
-MAX_SILENT_FRACTION = 0.5  # pauses take 10-30% of natural speech; a majority of silence is broken
-MAX_LOOP_SECONDS = 2.0  # whole frames repeating with a period <= 1 s for 2 s never happen in speech
-MAX_LOOP_PERIOD = CODES_FRAME_RATE  # frames
-MAX_WER = 0.5  # more than half the words wrong: another text, or unintelligible
-MIN_SPEAKER_SIMILARITY = 0.75  # x-vector cosine; wavlm-base-plus-sv puts one speaker above ~0.86
-MIN_SCORED_SECONDS = 0.5  # shorter audio is too little for the scorers' models
 
 
 @dataclass
 class Sampling:
-    """Decoding settings. The defaults are the official README example's (temperature 0.3, top-k
-    50, top-p 0.95) and the serve engine's repetition-aware sampling (a codebook whose code
-    already occurs ras_max_repeat times in the last ras_window frames is re-drawn from the raw
-    distribution); temperature 0 is greedy, ras_window 0 turns RAS off."""
-    temperature: float = 0.3
-    top_k: int = 50
-    top_p: float = 0.95
-    ras_window: int = 7
-    ras_max_repeat: int = 2
-    seed: int = 0
-    max_seconds: float = 30.0
+    """decoding (defaults: the official README example and serve engine)"""
+    temperature: float = option(0.3, "softmax temperature; 0 is greedy", min=0)
+    top_k: int = option(50, "sample among the k most likely codes; 0: all", min=0)
+    top_p: float = option(0.95, "sample within this probability mass; 1: all", above=0, max=1)
+    ras_window: int = option(7, "repetition-aware sampling: frames looked back at; 0: off", min=0)
+    ras_max_repeat: int = option(2, "a code seen this often in the window is re-drawn from the raw "
+                                 "distribution", min=1)
+    seed: int = option(0, "seed of the draws: the same seed gives the same audio")
+    max_seconds: float = option(30.0, "frame limit, in seconds of audio", above=0)
 
 
 @dataclass
@@ -174,20 +168,35 @@ def draw(scores: torch.Tensor, generator) -> torch.Tensor:
                              generator=generator).view(probs.shape[:-1])
 
 
+# Frames between the fast loop's checks that every row has ended: each check waits for the device
+CHECK_EVERY = 8
+# How the fixed-shape decode step runs on CUDA: "compile" (torch.compile mode reduce-overhead:
+# fused kernels, replayed as CUDA graphs) or "cuda_graph" (the eager step captured as one graph)
+CUDA_DECODE = "compile"
+
+
 @torch.no_grad()
-def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True) -> list[Generated]:
+def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
+             decode: str = "auto") -> list[Generated]:
     """Voice-cloning generation for a batch of prompts (right-padded; each row keeps its own
-    positions). use_cache=False recomputes the whole prefix every step (the cache's reference)."""
+    positions). The prompts run once (forward_cached); then each frame is one run of `decode`:
+    "eager", "compile" or "cuda_graph" (DecodeStep: the model's fixed-shape step over a static
+    cache; "auto" is CUDA_DECODE on CUDA, eager elsewhere), or "dynamic" (forward_cached with a
+    cache grown by torch.cat, the static cache's reference). use_cache=False recomputes the whole
+    prefix every step (the cache's reference). The fixed-shape loop waits for the device only to
+    look whether all rows have ended, every CHECK_EVERY frames; frames past a row's end leave it
+    as it was."""
     cfg = model.cfg
     K, bos, eos = cfg.audio_num_codebooks, cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
     device = model.norm.weight.device
     batch = Collator(cfg)([p.sample for p in prompts]).to(device)
     B = len(prompts)
-    h = model.embed(batch)
-    chunks = [(h, batch.position_ids, batch.audio_mask, batch.attention_mask)]
-    cache = KVCache(len(model.layers))
-    if use_cache:
-        model.forward_cached(*chunks[0], cache)
+    prompt = (model.embed(batch), batch.position_ids, batch.audio_mask, batch.attention_mask)
+    n_frames = round(s.max_seconds * CODES_FRAME_RATE)
+    if use_cache and decode != "dynamic":
+        step, check_every = fixed_step(model, prompt, n_frames, decode), CHECK_EVERY
+    else:
+        step, check_every = growing_step(model, prompt, use_cache), 1
     # repetition-aware sampling looks back over each row's audio-out frames, reference included
     out_codes = batch.audio_codes[torch.isin(batch.audio_index, batch.audio_out_index)]
     rows = batch.audio_out_index // batch.input_ids.shape[1]
@@ -205,16 +214,8 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True) 
     lengths = torch.ones(B, dtype=torch.long, device=device)  # columns of each row's stream
     k = torch.arange(K, device=device)
     start = batch.attention_mask.sum(1)
-    for t in range(round(s.max_seconds * CODES_FRAME_RATE)):
-        step = (model.embed_audio_codes(frame).to(h.dtype)[:, None], (start + t)[:, None],
-                torch.ones_like(active)[:, None], active[:, None])
-        if use_cache:
-            hidden = model.forward_cached(*step, cache)
-        else:
-            chunks.append(step)
-            hidden = model.forward_cached(*(torch.cat(c, 1) for c in zip(*chunks)),
-                                          KVCache(len(model.layers)))
-        logits = model.audio_logits(hidden[:, -1]).float()  # (B, K, rows)
+    for t in range(n_frames):
+        logits = step(frame, start + t, active)  # (B, K, rows)
         new = pick(logits, s, generator)
         recent = torch.cat([recent[:, 1:], frame[:, None]], 1)
         if s.ras_window > 0:
@@ -239,11 +240,141 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True) 
         stream.append(frame)
         lengths = torch.where(active, len(stream), lengths)
         active = active & ~ending
-        if not active.any():
+        if (t + 1) % check_every == 0 and not active.any():
             break
     stream, lengths, ended = torch.stack(stream, 2).cpu(), lengths.tolist(), (~active).tolist()
     return [Generated(stream[b, :, :lengths[b]], revert(stream[b, :, :lengths[b]], cfg), ended[b])
             for b in range(B)]
+
+
+def growing_step(model, prompt: tuple, use_cache: bool):
+    """The reference decode step: forward_cached over a KVCache that grows by one column a frame
+    (use_cache), or over the whole prefix again; (frame, positions, active) -> next logits."""
+    chunks, cache = [prompt], KVCache(len(model.layers))
+    if use_cache:
+        model.forward_cached(*prompt, cache)
+
+    def step(frame, positions, active):
+        new = (model.embed_audio_codes(frame).to(prompt[0].dtype)[:, None], positions[:, None],
+               torch.ones_like(active)[:, None], active[:, None])
+        if use_cache:
+            hidden = model.forward_cached(*new, cache)
+        else:
+            chunks.append(new)
+            hidden = model.forward_cached(*(torch.cat(c, 1) for c in zip(*chunks)),
+                                          KVCache(len(model.layers)))
+        return model.audio_logits(hidden[:, -1]).float()
+    return step
+
+
+def fixed_step(model, prompt: tuple, n_frames: int, decode: str) -> "DecodeStep":
+    """Prefill the prompt with forward_cached and start the model's DecodeStep from its cache.
+    The cache length is rounded up to a multiple of 64: whole tiles for attention kernels, and
+    prompt sets of about the same length share one compiled step."""
+    B, L = prompt[0].shape[:2]
+    prefill = KVCache(len(model.layers))
+    model.forward_cached(*prompt, prefill)
+    if decode == "auto":
+        decode = CUDA_DECODE if prompt[0].is_cuda else "eager"
+    step = DecodeStep.of(model, B, -(-(L + n_frames) // 64) * 64, decode)
+    step.cache.load(prefill)
+    return step
+
+
+class DecodeStep:
+    """model.decode_step over a StaticKVCache and static input buffers, for one batch size and
+    cache length, run "eager", through torch.compile ("compile") or as one captured CUDA graph
+    ("cuda_graph"). Kept on the model (model.decode_step_cache) and reused while the shapes and
+    the parameters' storage stay the same, so train.py's samplings every N steps compile once;
+    the optimizer updates parameters in place, which a compiled or captured step reads. A
+    captured graph also keeps the Python-side choices made when it was built (eval mode,
+    unmerged LoRA); torch.compile guards on them."""
+
+    def __init__(self, model, batch_size: int, max_len: int, mode: str):
+        cfg, device = model.cfg, model.norm.weight.device
+        self.model, self.mode = model, mode
+        self.cache = StaticKVCache(cfg, batch_size, max_len, model.embed_tokens.weight.dtype,
+                                   device)
+        self.codes = torch.full((batch_size, cfg.audio_num_codebooks), cfg.audio_stream_bos_id,
+                                dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.active = torch.ones(batch_size, dtype=torch.bool, device=device)
+        t0 = time.perf_counter()
+        runs = {"eager": lambda: self.forward, "compile": self.compile,
+                "cuda_graph": self.capture}
+        if mode not in runs:
+            raise ValueError(f"decode {mode!r}: expected auto, dynamic or one of {list(runs)}")
+        self.run = runs[mode]()
+        self.build_seconds = time.perf_counter() - t0
+        if mode != "eager":
+            print(f"decode step ({mode}, batch {batch_size}, {max_len} positions) compiled in "
+                  f"{self.build_seconds:.1f} s", flush=True)
+
+    @classmethod
+    def of(cls, model, batch_size: int, max_len: int, mode: str) -> "DecodeStep":
+        """The model's step for these shapes, or a new one in its place (a CUDA graph holds the
+        addresses of the parameters: new storage needs a new capture)."""
+        key = (batch_size, max_len, mode,
+               tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
+        step = getattr(model, "decode_step_cache", None)
+        if step is None or step.key != key:
+            model.decode_step_cache = step = None
+            gc.collect()  # the old step refers to itself: free its buffers before new ones come
+            step = cls(model, batch_size, max_len, mode)
+            step.key = key
+            model.decode_step_cache = step
+        return step
+
+    def forward(self) -> torch.Tensor:
+        return self.model.decode_step(self.codes, self.positions, self.active, self.cache)
+
+    def __call__(self, frame, positions, active) -> torch.Tensor:
+        """The next frame's logits (B, K, rows), valid until the next call; moves on to the
+        next cache column. Device work only."""
+        self.codes.copy_(frame)
+        self.positions.copy_(positions[:, None])
+        self.active.copy_(active)
+        logits = self.run()
+        self.cache.at += 1
+        return logits
+
+    def compile(self):
+        """torch.compile for these shapes. On CUDA, mode reduce-overhead records the compiled
+        step as a CUDA graph; marking every buffer it reads or writes static lets the graph use
+        them in place (no input copies; the cache is written in place). Compiled on the first
+        call, recorded on the next: both here, so the cost is paid once and timed."""
+        cuda = self.codes.is_cuda
+        for t in (self.codes, self.positions, self.active, *self.cache.tensors()):
+            torch._dynamo.mark_static_address(t)
+        compiled = torch.compile(self.forward, mode="reduce-overhead" if cuda else None,
+                                 fullgraph=True, dynamic=False)
+
+        def run():
+            if cuda:  # a new step: the previous replay's logits may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled()
+        for _ in range(3):
+            run()
+        return run
+
+    def capture(self):
+        """The eager step recorded once as a CUDA graph. Warm-up runs on a side stream first, so
+        lazy initialisation (cuBLAS handles and workspaces, kernel selection) stays out of the
+        capture; each replay reads the static inputs and cache and rewrites the same logits."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.forward()
+
+        def replay():
+            graph.replay()
+            return logits
+        return replay
 
 
 def revert(stream: torch.Tensor, cfg) -> torch.Tensor:
@@ -258,164 +389,72 @@ def revert(stream: torch.Tensor, cfg) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Health checks
+# Listening: generate, decode, check and write
 
 
-def frame_rms(wav: torch.Tensor) -> torch.Tensor:
-    """RMS of each 40 ms codes frame (960 samples at 24 kHz)."""
-    n = len(wav) // CODES_HOP
-    return wav[:n * CODES_HOP].view(n, CODES_HOP).float().pow(2).mean(1).sqrt()
+@dataclass
+class ListenConfig:
+    """listening to checkpoints: generated samples and their health checks (README)"""
+    sample_every: int = option(0, "generate with the current adapter every N steps and at the end; "
+                               "0: never", min=0)
+    sample_data: str = option("", "prompts: a data file in any format; none: --eval_data")
+    sample_count: int = option(4, "prompts: the first N records", min=1)
+    sample_max_seconds: float = option(20.0, "frame limit of each sample, in seconds of audio", above=0)
+    sample_temperature: float = option(0.3, "decoding temperature; 0 is greedy", min=0)
+    sample_top_k: int = option(50, "top-k of the decoding; 0: off", min=0)
+    sample_top_p: float = option(0.95, "top-p of the decoding; 1: off", above=0, max=1)
+    audio_tokenizer: str = option("", "HiggsAudioV2TokenizerModel folder or Hub id: decode samples "
+                                  "to WAV (the silence check then measures the audio)")
+    asr_model: str = option("", "speech recognition model (folder or Hub id): word error rate")
+    speaker_model: str = option("", "x-vector speaker model (folder or Hub id): speaker similarity")
 
 
-def silence_code(reference: torch.Tensor | None, codes: torch.Tensor | None) -> int | None:
-    """The first-codebook code the audio tokenizer gives silence, measured on the reference: the
-    most common one over its near-silent frames (None: the reference has none, or no waveform)."""
-    if reference is None or codes is None:
-        return None
-    silent = frame_rms(reference)[:codes.shape[1]] < SILENT_RMS
-    return int(codes[0, :len(silent)][silent].mode().values) if silent.any() else None
-
-
-def loop_seconds(codes: torch.Tensor) -> float:
-    """Longest stretch of whole frames repeating with a period of 1..MAX_LOOP_PERIOD frames."""
-    longest = 0
-    for period in range(1, min(MAX_LOOP_PERIOD, codes.shape[1] - 1) + 1):
-        run = 0
-        for same in (codes[:, period:] == codes[:, :-period]).all(0).tolist():
-            run = run + 1 if same else 0
-            longest = max(longest, run + period if run else 0)
-    return longest / CODES_FRAME_RATE
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level edit distance over the reference's word count (case and punctuation ignored)."""
-    ref, hyp = (re.findall(r"[\w']+", t.lower()) for t in (reference, hypothesis))
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(len(ref), 1)
-
-
-class AsrScorer:
-    """A transformers speech recognition model (Whisper, wav2vec2 CTC, ...) for the word error
-    rate of the generated speech against the prompt text."""
-
-    def __init__(self, path: str, device):
-        from transformers import pipeline
-
-        self.pipe = pipeline("automatic-speech-recognition", model=path, device=device)
-        self.rate = self.pipe.feature_extractor.sampling_rate
-
-    def __call__(self, wav: torch.Tensor, text: str) -> tuple[float, str]:
-        import torchaudio.functional as AF
-
-        heard = self.pipe(AF.resample(wav.float(), CODES_SAMPLE_RATE, self.rate).numpy())["text"] \
-            if len(wav) >= MIN_SCORED_SECONDS * CODES_SAMPLE_RATE else ""
-        return word_error_rate(text, heard), heard
-
-
-class SpeakerScorer:
-    """A transformers x-vector speaker-verification model (WavLMForXVector, ...): cosine
-    similarity of the reference's and the generated speech's speaker embeddings."""
-
-    def __init__(self, path: str, device):
-        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
-
-        self.features = AutoFeatureExtractor.from_pretrained(path)
-        self.model = AutoModelForAudioXVector.from_pretrained(path).eval().to(device)
-
-    @torch.no_grad()
-    def embed(self, wav: torch.Tensor) -> torch.Tensor:
-        import torchaudio.functional as AF
-
-        rate = self.features.sampling_rate
-        x = AF.resample(wav.float(), CODES_SAMPLE_RATE, rate).numpy()
-        inputs = self.features(x, sampling_rate=rate, return_tensors="pt").to(self.model.device)
-        return self.model(**inputs).embeddings[0]
-
-    def __call__(self, reference: torch.Tensor, wav: torch.Tensor) -> float | None:
-        if min(len(reference), len(wav)) < MIN_SCORED_SECONDS * CODES_SAMPLE_RATE:
-            return None
-        return float(torch.cosine_similarity(self.embed(reference), self.embed(wav), dim=0))
-
-
-def health(prompt: Prompt, out: Generated, wav: torch.Tensor | None = None, asr=None,
-           speaker=None) -> dict:
-    """The health figures of one generation and `failed`, the names of the checks it fails."""
-    seconds = out.codes.shape[1] / CODES_FRAME_RATE
-    expected = len(prompt.text) / prompt.chars_per_second if prompt.chars_per_second else None
-    ratio = seconds / expected if expected else None
-    if wav is not None:
-        rms = frame_rms(wav)
-        silent = float((rms < SILENT_RMS).float().mean()) if len(rms) else None
-    else:
-        code = silence_code(prompt.reference, prompt.reference_codes)
-        silent = float((out.codes[0] == code).float().mean()) \
-            if code is not None and out.codes.shape[1] else None
-    r = dict(ended=out.ended, seconds=seconds, expected_seconds=expected, duration_ratio=ratio,
-             silent_fraction=silent, loop_seconds=loop_seconds(out.codes))
-    if asr is not None and wav is not None:
-        r["wer"], r["heard"] = asr(wav, prompt.text)
-    if speaker is not None and wav is not None and prompt.reference is not None:
-        r["speaker_similarity"] = speaker(prompt.reference, wav)
-    fails = {
-        "ended": not out.ended,
-        "duration": ratio is not None and
-        not 1 / SPEAKING_RATE_FACTOR <= ratio <= SPEAKING_RATE_FACTOR,
-        "silence": silent is not None and silent > MAX_SILENT_FRACTION,
-        "loop": r["loop_seconds"] >= MAX_LOOP_SECONDS,
-        "wer": r.get("wer") is not None and r["wer"] > MAX_WER,
-        "speaker": r.get("speaker_similarity") is not None and
-        r["speaker_similarity"] < MIN_SPEAKER_SIMILARITY,
-    }
-    r["failed"] = [name for name, bad in fails.items() if bad]
-    return r
-
-
-def describe(r: dict) -> str:
-    """One log line of health figures."""
-    f = lambda key, fmt: "n/a" if r.get(key) is None else format(r[key], fmt)  # noqa: E731
-    line = (f"{r['seconds']:.2f} s (expected {f('expected_seconds', '.2f')} s), "
-            f"{'ended' if r['ended'] else 'NO EOS before the limit'}, silent "
-            f"{f('silent_fraction', '.0%')}, loops {r['loop_seconds']:.2f} s")
-    if "wer" in r:
-        line += f", WER {r['wer']:.2f}"
-    if "speaker_similarity" in r:
-        line += f", speaker similarity {f('speaker_similarity', '.2f')}"
-    return line + (f"  FAILED: {', '.join(r['failed'])}" if r["failed"] else "  ok")
-
-
-# ----------------------------------------------------------------------------------------------
-# Generate, decode, check and write
-
-
-class Sampler:
-    """Generates a set of prompts with a model and writes, per prompt, `NAME.codes.npy`, the
-    decoded `NAME.wav` (with an audio tokenizer), the reference as `NAME.ref.wav` and `NAME.json`
-    (text and health figures). Used by `train.py --sample_every` and this script."""
+class Listener:
+    """Generates a set of prompts and writes, per prompt, `NAME.codes.npy`, the decoded
+    `NAME.wav` (with an audio tokenizer), the reference as `NAME.ref.wav` and `NAME.json` (text
+    and health figures). train.py calls it every --sample_every steps; generate.py once."""
 
     def __init__(self, sampling: Sampling, device, audio_tokenizer: str = "", asr_model: str = "",
-                 speaker_model: str = ""):
-        from data import load_audio_tokenizer
-
-        self.sampling = sampling
-        self.audio_tokenizer = load_audio_tokenizer(audio_tokenizer, device) \
-            if audio_tokenizer else None
+                 speaker_model: str = "", prompts: list | None = None, every: int = 0):
+        self.sampling, self.prompts, self.every = sampling, prompts, every
+        self.audio_tokenizer = load_audio_tokenizer(audio_tokenizer, device) if audio_tokenizer else None
         self.asr = AsrScorer(asr_model, device) if asr_model else None
         self.speaker = SpeakerScorer(speaker_model, device) if speaker_model else None
 
-    @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        if not codes.shape[1]:
-            return torch.zeros(0)
-        wav = self.audio_tokenizer.decode(codes[None].to(self.audio_tokenizer.device),
-                                          return_dict=False)
-        return wav[0, 0].float().cpu()
+    @classmethod
+    def for_training(cls, cfg: ListenConfig, prompts_path: str, tokenizer, model_cfg, seed: int,
+                     device) -> "Listener":
+        """train.py --sample_every: the first prompts of a data file, decoded with the run's seed
+        (the same draws every time, so steps compare)."""
+        sampling = Sampling(temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                            top_p=cfg.sample_top_p, seed=seed, max_seconds=cfg.sample_max_seconds)
+        return cls(sampling, device, cfg.audio_tokenizer, cfg.asr_model, cfg.speaker_model,
+                   load_prompts(prompts_path, cfg.sample_count, tokenizer, model_cfg),
+                   cfg.sample_every)
 
-    def __call__(self, model, prompts: list[Prompt], out_dir: str, names: list[str]) -> list[dict]:
-        """Health figures of each prompt's generation (in eval mode; the mode is restored)."""
+    def __call__(self, model, step: int, run_dir: str) -> list[dict]:
+        """Samples of the current model in OUT/samples/step_N/, their metrics.jsonl rows, and a
+        loud warning for each failed check. Every RNG is left as it was, so a resumed run stays
+        exact."""
+        out_dir = os.path.join(run_dir, "samples", f"step_{step:08d}")
+        names = [f"sample{i}" for i in range(len(self.prompts))]
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+            results = self.write(model, self.prompts, out_dir, names)
+        print(f"samples at step {step} in {out_dir}:", flush=True)
+        for name, r in zip(names, results):
+            print(f"  {name}: {describe(r)}", flush=True)
+        failed = [f"{name} ({p.source}): {', '.join(r['failed'])}"
+                  for name, p, r in zip(names, self.prompts, results) if r["failed"]]
+        if failed:
+            print(f"WARNING: {len(failed)} of {len(names)} samples at step {step} FAILED health "
+                  f"checks: {'; '.join(failed)}. README 'Listening to checkpoints' says what usually "
+                  "causes each and what to do", flush=True)
+        return [dict(step=step, sample=i, **{f"sample_{k}": v for k, v in r.items()})
+                for i, r in enumerate(results)]
+
+    def write(self, model, prompts: list[Prompt], out_dir: str, names: list[str]) -> list[dict]:
+        """Generate (in eval mode; the mode is restored), decode, check and write each prompt."""
         was_training = model.training
         model.eval()
         try:
@@ -427,12 +466,13 @@ class Sampler:
         for name, prompt, out in zip(names, prompts, results):
             stem = os.path.join(out_dir, name)
             np.save(codes_path(stem + ".wav"), out.codes.numpy())
-            wav = self.decode(out.codes) if self.audio_tokenizer is not None else None
+            wav = decode_codes(self.audio_tokenizer, out.codes) if self.audio_tokenizer else None
             if wav is not None:
                 sf.write(stem + ".wav", wav.numpy(), CODES_SAMPLE_RATE)
             if prompt.reference is not None:
                 sf.write(stem + ".ref.wav", prompt.reference.numpy(), CODES_SAMPLE_RATE)
-            r = health(prompt, out, wav, self.asr, self.speaker)
+            r = health(out.codes, out.ended, prompt.text, prompt.chars_per_second,
+                       prompt.reference, prompt.reference_codes, wav, self.asr, self.speaker)
             with open(stem + ".json", "w", encoding="utf-8") as f:
                 json.dump(dict(text=prompt.text, prompt=prompt.source, **r), f, indent=2,
                           ensure_ascii=False)
@@ -440,10 +480,69 @@ class Sampler:
         return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# python generate.py
+
+
+@dataclass
+class GenerateConfig:
+    """Zero-shot voice cloning with a checkpoint (and an adapter)"""
+    model: str = option("", "checkpoint: a folder (official, transformers or merged layout, with its "
+                        "text tokenizer), a Hugging Face Hub id, or tiny")
+    adapter: str = option("", "LoRA adapter folder or Hub id (adapter_model.safetensors)")
+    ref_audio: str = option("", "reference voice clip; its codes come from REF.codes.npy, or are "
+                            "encoded with --tokenizer")
+    ref_text: str = option("", "transcript of the reference clip")
+    text: list[str] = option(None, "text(s) to speak in the reference voice, generated as one batch",
+                             factory=list)
+    out: str = option("", "OUT.wav: writes OUT.codes.npy, OUT.json, OUT.ref.wav and, with "
+                      "--tokenizer, OUT.wav (several texts: OUT_1.wav, ...)")
+    data: str = option("", "instead of --ref_audio/--ref_text/--text: prompts from a data file "
+                       "(any format), the turns up to each record's last user turn")
+    count: int = option(4, "with --data: its first N records", min=1)
+    out_dir: str = option("", "with --data: output folder (sampleI.* files)")
+    tokenizer: str = option("", "HiggsAudioV2TokenizerModel folder or Hub id: writes WAVs")
+    asr_model: str = option("", "speech recognition model (folder or Hub id): word error rate")
+    speaker_model: str = option("", "x-vector speaker model (folder or Hub id): speaker similarity")
+    device: str = option("auto", "auto: cuda when a GPU is present", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("auto", "auto: bfloat16 on GPU, float32 on CPU",
+                        choices=("auto", "bfloat16", "float32"))
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def check(self) -> None:
+        cloning = dict(ref_audio=self.ref_audio, ref_text=self.ref_text, out=self.out)
+        if not self.model:
+            raise DataError("--model is required (a checkpoint folder, a Hub id, or tiny)")
+        if self.data:
+            if not self.out_dir:
+                raise DataError("--data needs --out_dir, the folder the samples go to")
+        elif not all(cloning.values()) or not self.text:
+            missing = [f"--{k}" for k, v in dict(cloning, text=self.text).items() if not v]
+            raise DataError(f"missing {', '.join(missing)}: give --ref_audio, --ref_text, --text "
+                            "and --out, or --data and --out_dir")
+        if any(not t.strip() for t in self.text):
+            raise DataError("--text: an empty text; give the words to speak")
+
+
+def generation_prompts(cfg: GenerateConfig, tokenizer, model_cfg, audio_tokenizer):
+    """(prompts, output folder, file stems) of the command line."""
+    if cfg.data:
+        prompts = load_prompts(cfg.data, cfg.count, tokenizer, model_cfg)
+        return prompts, cfg.out_dir, [f"sample{i}" for i in range(len(prompts))]
+    if not os.path.isfile(codes_path(cfg.ref_audio)):
+        if audio_tokenizer is None:
+            raise DataError(f"{cfg.ref_audio} has no codes sidecar {codes_path(cfg.ref_audio)}: pass "
+                            "--tokenizer AUDIO_TOKENIZER to encode it")
+        encode_reference(cfg.ref_audio, audio_tokenizer)
+    prompts = [cloning_prompt(cfg.ref_audio, cfg.ref_text, t, tokenizer, model_cfg) for t in cfg.text]
+    stem = os.path.basename(os.path.splitext(cfg.out)[0])
+    names = [stem + (f"_{i + 1}" if len(prompts) > 1 else "") for i in range(len(prompts))]
+    return prompts, os.path.dirname(os.path.abspath(cfg.out)), names
+
+
 @torch.no_grad()
 def encode_reference(path: str, audio_tokenizer) -> None:
-    """Write a reference clip's missing codes sidecar with the audio tokenizer, as
-    `python data.py prepare` would."""
+    """Write a reference clip's missing codes sidecar, as `python data.py prepare` would."""
     wav = load_audio(AudioPart(path), "", CODES_SAMPLE_RATE, path)
     codes = audio_tokenizer.encode(wav[None, None].to(audio_tokenizer.device), return_dict=False)
     save_codes(codes_path(path), codes[0].cpu().numpy())
@@ -451,61 +550,18 @@ def encode_reference(path: str, audio_tokenizer) -> None:
 
 
 def main(argv=None) -> int:
-    from data import model_spec
-    from lora import load_adapter
-    from train import Dist, TrainConfig, build, resolve_device  # here: train imports this module
-
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (official, transformers or "
-                   "merged layout, with its text tokenizer), or tiny")
-    p.add_argument("--adapter", help="LoRA adapter folder (adapter_model.safetensors)")
-    p.add_argument("--ref_audio", help="reference voice clip; its codes from REF.codes.npy, or "
-                   "encoded with --tokenizer")
-    p.add_argument("--ref_text", help="transcript of the reference clip")
-    p.add_argument("--text", nargs="+", help="text(s) to speak, generated as one batch")
-    p.add_argument("--out", help="OUT.wav: writes OUT.codes.npy, OUT.json and, with --tokenizer, "
-                   "OUT.wav (several texts: OUT_1.wav, ...)")
-    p.add_argument("--data", help="instead: prompts from a data file (any format train.py reads)")
-    p.add_argument("--count", type=int, default=4, help="--data: its first N records")
-    p.add_argument("--out_dir", help="--data: output folder (sampleI.* files)")
-    p.add_argument("--tokenizer", default="", help="HiggsAudioV2TokenizerModel folder")
-    for f in dataclasses.fields(Sampling):
-        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    p.add_argument("--asr_model", default="", help="speech recognition model folder: WER")
-    p.add_argument("--speaker_model", default="", help="x-vector model folder: speaker similarity")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU) | bfloat16 | float32")
-    args = p.parse_args(argv)
-    cloning = [args.ref_audio, args.ref_text, args.text, args.out]
-    if args.data and not args.out_dir or not args.data and not all(cloning):
-        p.error("give --ref_audio, --ref_text, --text and --out, or --data and --out_dir")
+    cfg = parse(GenerateConfig, argv, __doc__)
     try:
-        cfg = TrainConfig(model=args.model, device=args.device, dtype=args.dtype)
-        device, dtype = resolve_device(cfg, Dist())
-        tokenizer, model_cfg = model_spec(args.model)
-        model = build(cfg, model_cfg, device, dtype)
-        if args.adapter:
-            load_adapter(model, args.adapter)
-        sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
-        sampler = Sampler(sampling, device, args.tokenizer, args.asr_model, args.speaker_model)
-        if args.data:
-            prompts = load_prompts(args.data, args.count, tokenizer, model.cfg)
-            out_dir, names = args.out_dir, [f"sample{i}" for i in range(len(prompts))]
-        else:
-            if not os.path.isfile(codes_path(args.ref_audio)):
-                if sampler.audio_tokenizer is None:
-                    raise DataError(f"{args.ref_audio} has no codes sidecar "
-                                    f"{codes_path(args.ref_audio)}: pass --tokenizer "
-                                    "AUDIO_TOKENIZER_DIR to encode it")
-                encode_reference(args.ref_audio, sampler.audio_tokenizer)
-            prompts = [cloning_prompt(args.ref_audio, args.ref_text, t, tokenizer, model.cfg)
-                       for t in args.text]
-            stem = os.path.splitext(args.out)[0]
-            out_dir = os.path.dirname(os.path.abspath(args.out))
-            names = [os.path.basename(stem) + (f"_{i + 1}" if len(prompts) > 1 else "")
-                     for i in range(len(prompts))]
-        for name, r in zip(names, sampler(model, prompts, out_dir, names)):
+        cfg.check()
+        device, dtype = resolve_device(cfg.device, cfg.dtype)
+        tokenizer, model_cfg = checkpoint.model_spec(cfg.model)
+        model = checkpoint.load(cfg.model, device, dtype)
+        if cfg.adapter:
+            load_adapter(model, cfg.adapter)
+        listener = Listener(cfg.sampling, device, cfg.tokenizer, cfg.asr_model, cfg.speaker_model)
+        prompts, out_dir, names = generation_prompts(cfg, tokenizer, model.cfg,
+                                                     listener.audio_tokenizer)
+        for name, r in zip(names, listener.write(model, prompts, out_dir, names)):
             print(f"{os.path.join(out_dir, name)}: {describe(r)}")
     except (DataError, OSError) as e:  # bad paths or data: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)

@@ -13,16 +13,21 @@ model. Merge into a full checkpoint with:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import shutil
+import sys
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from chatml import DataError, need_file
+from cli import option, parse
 
 # Named target groups; anything else given to --lora_targets is a regex on module names.
 TARGET_GROUPS = {
@@ -51,9 +56,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -72,20 +74,6 @@ class LoRALinear(nn.Module):
         scaled_b = (self.lora_B.weight * self.scaling).to(x.dtype)
         return F.linear(x, self.weight, self.bias) + F.linear(low, scaled_b)
 
-    @staticmethod
-    def group_forward(x: torch.Tensor, modules) -> list[torch.Tensor]:
-        """Several linears on one input (q/k/v, gate/up). When all are unmerged LoRA linears
-        without dropout, their down-projections run as one GEMM x @ [A_1; A_2; ...]^T: x is read
-        once instead of once per module, and forward and backward launch one A-side GEMM each
-        instead of one per module (README, Performance). With dropout each module keeps its own
-        mask, as in PEFT."""
-        if not all(isinstance(m, LoRALinear) and not m.merged and isinstance(m.dropout, nn.Identity)
-                   for m in modules):
-            return [m(x) for m in modules]
-        a = torch.cat([m.lora_A.weight for m in modules]).to(x.dtype)
-        low = F.linear(x, a).split([m.r for m in modules], dim=-1)
-        return [m.combine(x, d) for m, d in zip(modules, low)]
-
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
@@ -99,8 +87,31 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def target_regexes(targets: str) -> list[str]:
-    return [TARGET_GROUPS.get(t.strip(), t.strip()) for t in targets.split(",") if t.strip()]
+def grouped_project(x: torch.Tensor, modules: list[LoRALinear]) -> list[torch.Tensor]:
+    """Sibling LoRA linears on one input (q/k/v, gate/up) with their down-projections as one
+    GEMM x @ [A_1; A_2; ...]^T: x is read once, and forward and backward launch one A-side GEMM
+    instead of one per module. Merged adapters take the plain path."""
+    if any(m.merged for m in modules):
+        return [m(x) for m in modules]
+    a = torch.cat([m.lora_A.weight for m in modules]).to(x.dtype)
+    low = F.linear(x, a).split([m.r for m in modules], dim=-1)
+    return [m.combine(x, d) for m, d in zip(modules, low)]
+
+
+def share_down_projections(model: nn.Module) -> int:
+    """Give every module whose `project(x)` applies sibling linears (model.Attention: q/k/v,
+    model.MLP: gate/up) the grouped version, when all its siblings are LoRA linears without
+    dropout (with dropout each keeps its own mask, as in PEFT). Returns the groups made."""
+    groups = 0
+    for module in model.modules():
+        names = getattr(module, "projections", None)
+        if not names:
+            continue
+        siblings = [getattr(module, n) for n in names]
+        if all(isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Identity) for m in siblings):
+            module.project = partial(grouped_project, modules=siblings)
+            groups += 1
+    return groups
 
 
 def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
@@ -108,7 +119,7 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: flo
     """Freeze the model, wrap every nn.Linear whose name fullmatches a target regex, and make the
     modules named in `trainable_modules` (comma-separated regexes) fully trainable.
     Returns the wrapped module names."""
-    regexes = target_regexes(targets)
+    regexes = [TARGET_GROUPS.get(t.strip(), t.strip()) for t in targets.split(",") if t.strip()]
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -119,19 +130,19 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: flo
             setattr(parent, child, LoRALinear(module, r, alpha, dropout))
             wrapped.append(name)
     if not wrapped:
-        raise ValueError(f"--lora_targets {targets!r} matched no linear layer; named groups are "
-                         f"{', '.join(TARGET_GROUPS)}, anything else is a regex on module names "
-                         "such as 'layers\\.\\d+\\.self_attn\\.q_proj'")
+        raise DataError(f"--lora_targets {targets!r} matched no linear layer; named groups are "
+                        f"{', '.join(TARGET_GROUPS)}, anything else is a regex on module names "
+                        "such as 'layers\\.\\d+\\.self_attn\\.q_proj'")
     for rx in [t.strip() for t in trainable_modules.split(",") if t.strip()]:
         hits = [n for n, _ in model.named_modules() if re.fullmatch(rx, n)]
         if not hits:
-            raise ValueError(f"--trainable_modules {rx!r} matched no module "
-                             "(e.g. 'audio_decoder_proj.audio_lm_head')")
+            raise DataError(f"--trainable_modules {rx!r} matched no module "
+                            "(e.g. 'audio_decoder_proj.audio_lm_head')")
         for n in hits:
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
-    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=targets,
-                             trainable_modules=trainable_modules, target_modules=wrapped)
+    share_down_projections(model)
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, target_modules=wrapped)
     return wrapped
 
 
@@ -159,14 +170,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def save_adapter(model: nn.Module, out_dir: str, base_model: str = "") -> None:
-    from safetensors.torch import save_file
+    from checkpoint import save_tensors
 
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.lora_config
-    tensors = {PEFT_PREFIX + n: t.float().contiguous().cpu() for n, t in trainable_state_dict(model).items()}
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    extra = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()
-                    if _.requires_grad and ".lora_" not in n})
+    state = trainable_state_dict(model)
+    save_tensors({PEFT_PREFIX + n: t.float().contiguous().cpu() for n, t in state.items()},
+                 os.path.join(out_dir, "adapter_model.safetensors"))
+    extra = sorted({n.rsplit(".", 1)[0] for n in state if ".lora_" not in n})
     peft_config = {
         "peft_type": "LORA", "task_type": None, "r": cfg["r"], "lora_alpha": cfg["alpha"],
         "lora_dropout": cfg["dropout"], "target_modules": cfg["target_modules"], "bias": "none",
@@ -179,42 +190,49 @@ def save_adapter(model: nn.Module, out_dir: str, base_model: str = "") -> None:
 
 
 def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, {model parameter name: tensor}) of an adapter folder."""
     from safetensors.torch import load_file
 
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not os.path.isfile(os.path.join(adapter_dir, name)):
-            raise FileNotFoundError(f"{adapter_dir}/{name} not found: --adapter must be a folder "
-                                    "written by train.py (OUT/adapter or a checkpoint's adapter/)")
+        need_file(os.path.join(adapter_dir, name), "adapter file", "--adapter is a folder written by "
+                  "train.py (OUT/adapter or a checkpoint's adapter/), or a Hub id of one")
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         config = json.load(f)
     tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    return config, {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v
-                    for k, v in tensors.items()}
+    return config, {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
+
+
+def copy_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load an adapter's tensors into a model that already carries that adapter's LoRA layout."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise DataError(f"adapter {source} has tensors this model lacks: {unknown[:5]}; it was "
+                        "trained on another base model or with other --lora_targets")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if t.shape != params[name].shape:
+                raise DataError(f"adapter {source}: {name} has shape {tuple(t.shape)}, this model's "
+                                f"is {tuple(params[name].shape)} (another --lora_r or base model)")
+            params[name].copy_(t.to(params[name].dtype))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str) -> None:
     """Inject LoRA as the adapter's config says and load its weights."""
+    from checkpoint import resolve
+
+    adapter_dir = resolve(adapter_dir, "--adapter")
     config, tensors = read_adapter(adapter_dir)
     exact = lambda names: ",".join(re.escape(n) for n in names or [])  # noqa: E731
     inject_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=0.0,
                 targets=exact(config["target_modules"]),
                 trainable_modules=exact(config.get("modules_to_save")))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise ValueError(f"adapter {adapter_dir} has tensors this model lacks: {unknown[:10]}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t.to(params[name].dtype))
+    copy_adapter_weights(model, tensors, adapter_dir)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Base-model state dict with every LoRA delta folded into its weight (no lora_* keys)."""
-    state = {}
-    for name, t in model.state_dict().items():
-        if ".lora_" in name:
-            continue
-        state[name] = t
+    state = {name: t for name, t in model.state_dict().items() if ".lora_" not in name}
     for name, m in lora_modules(model):
         w = m.weight.float() if m.merged else m.weight.float() + m.delta_weight().float()
         state[name + ".weight"] = w.to(m.weight.dtype)
@@ -222,37 +240,77 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: merge
+# python lora.py merge
 
 
-def merge_cli(argv=None) -> None:
-    from model import load_model, save_checkpoint, safetensors_files
+@dataclass
+class MergeConfig:
+    """Merge a LoRA adapter into a full checkpoint."""
+    model: str = option("", "base checkpoint: a folder, a Hugging Face Hub id, or tiny (the demo's "
+                        "random model, rebuilt from the seed in the adapter's run config.json)")
+    adapter: str = option("", "adapter folder (adapter_model.safetensors + adapter_config.json) "
+                          "or Hub id")
+    out: str = option("", "output checkpoint folder (must not exist, or be empty)")
+    format: str = option("official", "layout of the merged checkpoint: official (boson_multimodal "
+                         "names, same shards) or transformers (HiggsAudioV2ForConditionalGeneration)",
+                         choices=("official", "transformers"))
 
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into a full checkpoint.")
-    p.add_argument("command", choices=["merge"])
-    p.add_argument("--model", required=True, help="base checkpoint folder")
-    p.add_argument("--adapter", required=True, help="folder with adapter_model.safetensors")
-    p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--format", choices=["official", "transformers"], default="official")
-    args = p.parse_args(argv)
 
-    files = safetensors_files(args.model)
-    from safetensors import safe_open
+def tiny_seed(adapter_dir: str) -> int:
+    """The seed the demo's tiny base model was built from: in the config.json of the run or
+    checkpoint folder that holds the adapter (0, train.py's default, if there is none)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return int(json.load(f).get("seed", 0))
+    return 0
 
-    with safe_open(files[0], framework="pt") as f:
-        dtype = f.get_tensor(next(iter(f.keys()))).dtype
-    model = load_model(args.model, dtype=torch.float32)
-    load_adapter(model, args.adapter)
+
+def merge(cfg: MergeConfig) -> None:
+    import checkpoint
+
+    for flag in ("model", "adapter", "out"):
+        if not getattr(cfg, flag):
+            raise DataError(f"--{flag} is required")
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        raise DataError(f"--out {cfg.out}: folder is not empty; give a new folder")
+    if cfg.model == "tiny":
+        base, files, dtype = checkpoint.TINY_TOKENIZER, [], torch.float32
+        model = checkpoint.load("tiny", dtype=torch.float32, seed=tiny_seed(cfg.adapter))
+    else:
+        from safetensors import safe_open
+
+        base = checkpoint.resolve(cfg.model, "--model")
+        files = checkpoint.safetensors_files(base)
+        with safe_open(files[0], framework="pt") as f:
+            dtype = f.get_tensor(next(iter(f.keys()))).dtype
+        model = checkpoint.load_model(base, dtype=torch.float32)
+    load_adapter(model, cfg.adapter)
     state = {k: v.to(dtype) for k, v in merged_state_dict(model).items()}
     shard_bytes = max(os.path.getsize(f) for f in files) if len(files) > 1 else 1 << 62
-    save_checkpoint(model, args.out, fmt=args.format, max_shard_bytes=shard_bytes, state=state)
-    for name in os.listdir(args.model):  # tokenizer and other side files travel along
-        src = os.path.join(args.model, name)
+    checkpoint.save_checkpoint(model, cfg.out, fmt=cfg.format, max_shard_bytes=shard_bytes,
+                               state=state)
+    for name in os.listdir(base):  # the tokenizer and other side files travel along
+        src = os.path.join(base, name)
         if os.path.isfile(src) and not name.endswith(".safetensors") and \
                 name not in ("model.safetensors.index.json", "config.json"):
-            shutil.copy2(src, os.path.join(args.out, name))
-    print(f"merged {args.adapter} into {args.model} -> {args.out} ({args.format} layout)")
+            shutil.copy2(src, os.path.join(cfg.out, name))
+    print(f"merged {cfg.adapter} into {cfg.model} -> {cfg.out} ({cfg.format} layout)")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "merge":
+        print("usage: python lora.py merge --model CKPT --adapter DIR --out OUT "
+              "[--format official|transformers]  (see python lora.py merge --help)", file=sys.stderr)
+        return 2
+    try:
+        merge(parse(MergeConfig, argv[1:], MergeConfig.__doc__))
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    merge_cli()
+    sys.exit(main())

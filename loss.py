@@ -1,64 +1,52 @@
-"""Text + multi-codebook audio loss (SPEC section 7).
+"""The training objective: text cross-entropy + per-codebook audio cross-entropy (OFFICIAL.md
+section 7), weighted, plus an optional voice-consistency term.
 
-Losses are returned as SUMS with their token COUNTS, so a caller can add them over micro-batches
-and ranks and divide once by the global count: the result does not depend on how a step's
-samples are split into batches. Heads are applied only where a label exists.
+Losses are kept as SUMS with their token COUNTS (LossSums), so a caller adds them over
+micro-batches and ranks and divides once by the global count: the result does not depend on how a
+step's samples are split. Heads are applied only where a label exists.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from collate import IGNORE, Batch
+from chatml import IGNORE, DataError
+from collate import Batch
 
 TEXT_CHUNK_ROWS = 4096  # text logits are materialised this many positions at a time
 
 
 @dataclass
 class LossSums:
-    text_sum: torch.Tensor  # () fp32, summed CE over supervised text tokens
-    text_count: torch.Tensor  # () number of supervised text tokens
-    audio_sum: torch.Tensor  # (K,) fp32, summed CE per codebook
+    text_sum: torch.Tensor  # () summed CE over supervised text tokens
+    text_count: torch.Tensor  # () supervised text tokens
+    audio_sum: torch.Tensor  # (K,) summed CE per codebook
     audio_count: torch.Tensor  # (K,) supervised frames per codebook
+    voice_sum: torch.Tensor  # () summed 1 - cos(reference, target) (voice-consistency term)
+    voice_count: torch.Tensor  # () samples with both reference and target audio
 
     @staticmethod
-    def counts(batch: Batch, K: int, device) -> "LossSums":
-        """Zero sums with the batch's token counts (known before any forward)."""
-        return LossSums(torch.zeros((), device=device),
-                        torch.tensor(float(batch.num_text_tokens), device=device),
-                        torch.zeros(K, device=device),
-                        batch.num_audio_tokens().to(device=device, dtype=torch.float32))
+    def zeros(K: int, device=None) -> "LossSums":
+        z = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
+        return LossSums(z(), z(), z(K), z(K), z(), z())
 
     def __add__(self, other: "LossSums") -> "LossSums":
-        return LossSums(self.text_sum + other.text_sum, self.text_count + other.text_count,
-                        self.audio_sum + other.audio_sum, self.audio_count + other.audio_count)
+        return LossSums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def detach(self) -> "LossSums":
-        return LossSums(*(t.detach() for t in (self.text_sum, self.text_count, self.audio_sum,
-                                               self.audio_count)))
+        return LossSums(*(getattr(self, f.name).detach() for f in fields(self)))
 
-    def as_vector(self) -> torch.Tensor:
-        """[text_sum, text_count, audio_sum..., audio_count...] for one all_reduce."""
-        return torch.cat([self.text_sum.view(1).float(), self.text_count.view(1).float(),
-                          self.audio_sum.float(), self.audio_count.float()])
-
-    @staticmethod
-    def from_vector(v: torch.Tensor) -> "LossSums":
-        K = (v.numel() - 2) // 2
-        return LossSums(v[0], v[1], v[2:2 + K], v[2 + K:])
-
-    def metrics(self) -> dict:
-        """Token-weighted means: text_loss, audio_loss (mean over codebooks), per codebook."""
-        per_cb = (self.audio_sum / self.audio_count.clamp(min=1)).tolist()
-        return dict(
-            text_loss=float(self.text_sum / self.text_count.clamp(min=1)),
-            audio_loss=float(sum(per_cb) / len(per_cb)) if per_cb else 0.0,
-            audio_loss_per_codebook=per_cb,
-            num_text_tokens=int(self.text_count),
-            num_audio_tokens_per_codebook=[int(c) for c in self.audio_count.tolist()],
-        )
+    def all_reduced(self) -> "LossSums":
+        """Summed over every rank, in one collective."""
+        parts = [getattr(self, f.name).float().reshape(-1) for f in fields(self)]
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)
+        sizes = [p.numel() for p in parts]
+        return LossSums(*(t.view_as(getattr(self, f.name)) for f, t in
+                          zip(fields(self), flat.split(sizes))))
 
 
 def text_ce_sum(model, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -72,63 +60,114 @@ def text_ce_sum(model, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torc
     return total
 
 
-def loss_sums(model, hidden: torch.Tensor, batch: Batch) -> LossSums:
-    """Text CE (logits at t vs label t+1) and per-codebook audio CE (stream position j vs frame
-    j+1) as sums and counts."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    text_sum = text_ce_sum(model, flat[batch.text_logit_index], batch.text_targets)
+def audio_ce_sums(model, flat_hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(K,) summed CE per codebook: stream position j predicts frame j+1."""
     K = model.cfg.audio_num_codebooks
-    if batch.audio_logit_rows.numel():
-        rows = flat[batch.audio_out_index[batch.audio_logit_rows]]
-        logits = model.audio_logits(rows).float()  # (M, K, C)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.audio_targets.reshape(-1),
-                             ignore_index=IGNORE, reduction="none").view(-1, K)
-        audio_sum = ce.sum(0)
-    else:
-        audio_sum = flat.new_zeros(K, dtype=torch.float32) + 0.0 * flat.sum()
-    # filled on the device: a host-made tensor here would make the host wait for the forward
-    text_count = flat.new_full((), batch.num_text_tokens, dtype=torch.float32)
-    audio_count = batch.num_audio_tokens().to(device=flat.device, dtype=torch.float32)
-    return LossSums(text_sum, text_count, audio_sum, audio_count)
+    if not batch.audio_logit_rows.numel():  # keeps the heads in the graph (DDP needs every grad)
+        return flat_hidden.new_zeros(K, dtype=torch.float32) + 0.0 * flat_hidden.sum()
+    rows = flat_hidden[batch.audio_out_index[batch.audio_logit_rows]]
+    logits = model.audio_logits(rows).float()  # (M, K, C)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.audio_targets.reshape(-1),
+                         ignore_index=IGNORE, reduction="none")
+    return ce.view(-1, K).sum(0)
 
 
-def voice_position_counts(batch: Batch) -> torch.Tensor:
-    """(B, 2): reference-audio and target-audio positions per sample."""
-    B = batch.input_ids.shape[0]
-    return torch.bincount(batch.voice_group, minlength=2 * B).view(B, 2)
+def voice_groups(batch: Batch, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions, group = 2 * row + is_target) of every sample's reference audio (audio-in
+    codes and context audio-out segments) and target audio (trained audio-out segments). An
+    audio-out segment starts with an all-stream-BOS frame; it is trained if it has any label."""
+    L = batch.input_ids.shape[1]
+    is_out = torch.isin(batch.audio_index, batch.audio_out_index)
+    starts = (batch.audio_codes[is_out] == bos).all(1)
+    segment = starts.long().cumsum(0) - 1
+    labelled = (batch.audio_out_labels != IGNORE).any(1).long()
+    trained = torch.zeros(int(starts.sum()), dtype=torch.long, device=segment.device) \
+        .index_add_(0, segment, labelled) > 0
+    is_target = torch.zeros_like(is_out)
+    is_target[is_out] = trained[segment]
+    return batch.audio_index, 2 * (batch.audio_index // L) + is_target.long()
 
 
-def voice_consistency_sums(hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def voice_consistency_sums(hidden: torch.Tensor, batch: Batch, bos: int):
     """Sum over samples of 1 - cos(mean final hidden state over the reference-audio positions,
     mean over the target-audio positions), and the number of samples that have both."""
-    flat = hidden.reshape(-1, hidden.shape[-1]).float()
     B = hidden.shape[0]
-    groups = flat.new_zeros(2 * B, flat.shape[1]).index_add(0, batch.voice_group,
-                                                           flat[batch.voice_index])
-    counts = voice_position_counts(batch)
-    means = (groups.view(B, 2, -1) / counts.clamp(min=1)[..., None].to(flat.dtype))
+    positions, group = voice_groups(batch, bos)
+    flat = hidden.reshape(-1, hidden.shape[-1]).float()
+    totals = flat.new_zeros(2 * B, flat.shape[1]).index_add(0, group, flat[positions])
+    counts = torch.bincount(group, minlength=2 * B).view(B, 2)
+    means = totals.view(B, 2, -1) / counts.clamp(min=1)[..., None].to(flat.dtype)
     both = (counts > 0).all(dim=1)
     cos = F.cosine_similarity(means[:, 0], means[:, 1], dim=-1)
     return ((1 - cos) * both).sum(), both.sum().to(flat.dtype)
 
 
-def normalised_codebook_weights(weights: list[float] | None, K: int) -> torch.Tensor:
-    """Per-codebook weights scaled to sum to K, so the default (all ones) is the plain mean."""
-    if weights is None:
+def parse_codebook_weights(text: str, K: int) -> torch.Tensor:
+    """--codebook_weights "4,1,1,1,1,1,1,1" scaled to sum to K, so all ones is the plain mean."""
+    if not text:
         return torch.ones(K)
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
     if len(weights) != K or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--codebook_weights needs {K} non-negative numbers with a positive sum, "
-                         f"got {weights}")
+        raise DataError(f"--codebook_weights {text}: must be {K} comma-separated numbers >= 0 "
+                        "with a positive sum, one per codebook of the model")
     w = torch.tensor(weights, dtype=torch.float32)
     return w * (K / w.sum())
 
 
-def total_loss(sums: LossSums, global_sums: LossSums, text_weight: float = 1.0,
-               audio_weight: float = 1.0, codebook_weights: torch.Tensor | None = None):
-    """The objective for backward: local sums divided by the step's GLOBAL token counts
-    (summed over micro-batches and ranks). audio term = weighted mean over codebooks."""
-    text = sums.text_sum / global_sums.text_count.clamp(min=1)
-    per_cb = sums.audio_sum / global_sums.audio_count.clamp(min=1)
-    w = codebook_weights.to(per_cb.device) if codebook_weights is not None else torch.ones_like(per_cb)
-    audio = (w * per_cb).mean()
-    return text_weight * text + audio_weight * audio
+@dataclass
+class Objective:
+    """What the optimiser minimises: text_weight * text CE + audio_weight * (codebook-weighted
+    mean of the per-codebook audio CEs) + voice_weight * mean (1 - cos) of the voice term; each
+    term divided by its token (or sample) count over the whole step."""
+    cfg: object  # HiggsConfig
+    text_weight: float = 1.0
+    audio_weight: float = 1.0
+    codebook_weights: torch.Tensor | None = None  # (K,) summing to K; None = equal
+    voice_weight: float = 0.0
+
+    def counts(self, batch: Batch) -> LossSums:
+        """Zero sums with the batch's counts: known on the host before any forward."""
+        zero = torch.zeros(())
+        voice = voice_consistency_sums(torch.zeros(*batch.input_ids.shape, 1), batch,
+                                       self.cfg.audio_stream_bos_id)[1] if self.voice_weight else zero
+        audio_count = (batch.audio_targets != IGNORE).sum(0).float()
+        return LossSums(zero, torch.tensor(float(batch.text_targets.numel())),
+                        torch.zeros_like(audio_count), audio_count, zero, voice)
+
+    def sums(self, model, hidden: torch.Tensor, batch: Batch) -> LossSums:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        zero = flat.new_zeros((), dtype=torch.float32)
+        voice = voice_consistency_sums(hidden, batch, self.cfg.audio_stream_bos_id) \
+            if self.voice_weight else (zero, zero)
+        # counts filled on the device: a host-made tensor would make the host wait for the forward
+        return LossSums(text_ce_sum(model, flat[batch.text_logit_index], batch.text_targets),
+                        flat.new_full((), batch.text_targets.numel(), dtype=torch.float32),
+                        audio_ce_sums(model, flat, batch),
+                        (batch.audio_targets != IGNORE).sum(0).float(), *voice)
+
+    def loss(self, sums: LossSums, total: LossSums) -> torch.Tensor:
+        """The objective of `sums` (one micro-batch's, for backward, or the step's) divided by
+        the step's global counts `total`."""
+        per_cb = sums.audio_sum / total.audio_count.clamp(min=1)
+        w = torch.ones_like(per_cb) if self.codebook_weights is None \
+            else self.codebook_weights.to(per_cb.device)
+        loss = self.text_weight * sums.text_sum / total.text_count.clamp(min=1) + \
+            self.audio_weight * (w * per_cb).mean()
+        if self.voice_weight:
+            loss = loss + self.voice_weight * sums.voice_sum / total.voice_count.clamp(min=1)
+        return loss
+
+    def metrics(self, total: LossSums) -> dict:
+        """The step's objective (`loss`) and its parts as token-weighted means."""
+        per_cb = (total.audio_sum / total.audio_count.clamp(min=1)).tolist()
+        out = dict(loss=float(self.loss(total, total)),
+                   text_loss=float(total.text_sum / total.text_count.clamp(min=1)),
+                   audio_loss=sum(per_cb) / len(per_cb), audio_loss_per_codebook=per_cb,
+                   num_text_tokens=int(total.text_count),
+                   num_audio_tokens_per_codebook=[int(c) for c in total.audio_count.tolist()])
+        if self.voice_weight:
+            out["voice_consistency"] = float(total.voice_sum / total.voice_count.clamp(min=1))
+        return out

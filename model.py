@@ -2,8 +2,7 @@
 embeddings, optional Whisper-style audio tower, text + multi-codebook audio heads.
 
 Module names mirror the official `boson_multimodal` checkpoint, so `state_dict()` keys are the
-official parameter names and a released checkpoint loads with `load_state_dict(assign=True)`.
-The transformers `higgs_audio_v2` layout is mapped onto the same names when loading.
+official parameter names; checkpoint.py reads and writes the official and transformers layouts.
 
 The forward takes an already-expanded batch from `collate.py` (every audio placeholder replaced by
 its audio positions) and returns the final normed hidden states; `loss.py` applies the heads only
@@ -11,9 +10,7 @@ where a label exists.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -108,131 +105,6 @@ class HiggsConfig:
                    audio_out_bos_token_id=s(128013), audio_eos_token_id=s(128012),
                    pad_token_id=s(128001))
 
-    # -- checkpoint configs -----------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, d: dict) -> "HiggsConfig":
-        """Read an official (`higgs_audio`) or transformers (`higgs_audio_v2`) config.json."""
-        if d.get("model_type") == "higgs_audio_v2":
-            return cls._from_transformers(d)
-        if d.get("model_type") not in (None, "higgs_audio"):
-            raise ValueError(f"config.json has model_type {d.get('model_type')!r}; expected "
-                             "'higgs_audio' (official) or 'higgs_audio_v2' (transformers)")
-        t = d["text_config"]
-        enc = d.get("audio_encoder_config") or {}
-        n_layers = t["num_hidden_layers"]
-        layers = d.get("audio_dual_ffn_layers")
-        return cls(
-            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
-            intermediate_size=t["intermediate_size"], num_layers=n_layers,
-            num_heads=t["num_attention_heads"],
-            num_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
-            head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
-            rms_norm_eps=t.get("rms_norm_eps", 1e-5), rope_theta=t.get("rope_theta", 10000.0),
-            rope_scaling=_rope_scaling(t),
-            audio_adapter_type=d.get("audio_adapter_type", "dual_ffn_fast_forward"),
-            audio_dual_ffn_layers=None if layers is None or sorted(layers) == list(range(n_layers))
-            else list(layers),
-            audio_num_codebooks=d.get("audio_num_codebooks", 12),
-            audio_codebook_size=d.get("audio_codebook_size", 1024),
-            audio_stream_bos_id=d.get("audio_stream_bos_id", 1024),
-            audio_stream_eos_id=d.get("audio_stream_eos_id", 1025),
-            audio_embed_avg=d.get("audio_embed_avg", False),
-            use_delay_pattern=d.get("use_delay_pattern", False),
-            encode_audio_in_tokens=d.get("encode_audio_in_tokens", False),
-            encode_whisper_embed=d.get("encode_whisper_embed", True),
-            skip_audio_tower=d.get("skip_audio_tower", False),
-            audio_in_token_id=d.get("audio_in_token_idx", 128015),
-            audio_out_token_id=d.get("audio_out_token_idx", 128016),
-            audio_out_bos_token_id=d.get("audio_out_bos_token_id", 128013),
-            audio_eos_token_id=d.get("audio_eos_token_id", 128012),
-            pad_token_id=d.get("pad_token_id", 128001),
-            whisper_d_model=enc.get("d_model", 1280), whisper_layers=enc.get("encoder_layers", 32),
-            whisper_heads=enc.get("encoder_attention_heads", 20),
-            whisper_ffn_dim=enc.get("encoder_ffn_dim", 5120),
-            whisper_num_mel_bins=enc.get("num_mel_bins", 128),
-            whisper_max_source_positions=enc.get("max_source_positions", 1500),
-        )
-
-    @classmethod
-    def _from_transformers(cls, d: dict) -> "HiggsConfig":
-        # transformers' HiggsAudioV2: every layer DualFFN, delay pattern, no tower; its
-        # codebook_size counts the two stream tokens.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-            rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling({"rope_scaling": rope}),
-            audio_adapter_type="dual_ffn_fast_forward", audio_dual_ffn_layers=None,
-            audio_num_codebooks=d["num_codebooks"], audio_codebook_size=d["codebook_size"] - 2,
-            audio_stream_bos_id=d.get("audio_stream_bos_id", d["codebook_size"] - 2),
-            audio_stream_eos_id=d.get("audio_stream_eos_id", d["codebook_size"] - 1),
-            use_delay_pattern=True, encode_audio_in_tokens=True, encode_whisper_embed=False,
-            skip_audio_tower=True, audio_out_token_id=d.get("audio_token_id", 128016),
-            audio_out_bos_token_id=d.get("audio_bos_token_id", 128013),
-            pad_token_id=d.get("pad_token_id", 128001),
-        )
-
-    @classmethod
-    def from_checkpoint(cls, ckpt_dir: str) -> "HiggsConfig":
-        path = os.path.join(ckpt_dir, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: --model must be a Higgs-Audio checkpoint "
-                                    "folder (config.json + *.safetensors + tokenizer) or 'tiny'")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-    def to_official_dict(self) -> dict:
-        """config.json in the official `higgs_audio` format (what `from_dict` reads back)."""
-        text = dict(model_type="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                    intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                    num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                    head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
-                    rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
-                    hidden_act="silu", attention_bias=False, mlp_bias=False,
-                    max_position_embeddings=131072, tie_word_embeddings=False,
-                    pad_token_id=self.pad_token_id)
-        enc = dict(model_type="higgs_audio_encoder", d_model=self.whisper_d_model,
-                   encoder_layers=self.whisper_layers,
-                   encoder_attention_heads=self.whisper_heads,
-                   encoder_ffn_dim=self.whisper_ffn_dim, num_mel_bins=self.whisper_num_mel_bins,
-                   max_source_positions=self.whisper_max_source_positions)
-        layers = self.audio_dual_ffn_layers
-        return dict(
-            model_type="higgs_audio", architectures=["HiggsAudioModel"], text_config=text,
-            audio_encoder_config=enc, audio_adapter_type=self.audio_adapter_type,
-            audio_dual_ffn_layers=list(range(self.num_layers)) if layers is None else layers,
-            audio_num_codebooks=self.audio_num_codebooks,
-            audio_codebook_size=self.audio_codebook_size,
-            audio_stream_bos_id=self.audio_stream_bos_id,
-            audio_stream_eos_id=self.audio_stream_eos_id, audio_embed_avg=self.audio_embed_avg,
-            use_delay_pattern=self.use_delay_pattern,
-            encode_audio_in_tokens=self.encode_audio_in_tokens,
-            encode_whisper_embed=self.encode_whisper_embed,
-            skip_audio_tower=self.skip_audio_tower, audio_in_token_idx=self.audio_in_token_id,
-            audio_out_token_idx=self.audio_out_token_id,
-            audio_out_bos_token_id=self.audio_out_bos_token_id,
-            audio_eos_token_id=self.audio_eos_token_id, pad_token_id=self.pad_token_id,
-            audio_decoder_proj_num_layers=0, use_audio_out_embed_projector=False,
-            use_audio_out_self_attention=False, use_rq_transformer=False)
-
-
-def _rope_scaling(text_config: dict) -> dict | None:
-    rs = text_config.get("rope_scaling") or text_config.get("rope_parameters")
-    if not rs:
-        return None
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind in (None, "default"):
-        return None
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling {kind!r} (supported: llama3, default)")
-    return {k: rs[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
-                               "original_max_position_embeddings")}
-
 
 # ----------------------------------------------------------------------------------------------
 # Backbone pieces
@@ -251,12 +123,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def linears_on(x, *linears) -> list[torch.Tensor]:
-    """Apply linears that read the same input; LoRA-wrapped ones share work (lora.py)."""
-    joint = getattr(linears[0], "group_forward", None)
-    return joint(x, linears) if joint else [m(x) for m in linears]
-
-
 class MLP(nn.Module):
     """SwiGLU feed-forward, named like LlamaMLP."""
 
@@ -266,8 +132,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
+    projections = ("gate_proj", "up_proj")  # linears that read the same input
+
+    def project(self, x) -> tuple[torch.Tensor, ...]:
+        """gate and up of x (an adapter may compute them together: lora.share_down_projections)."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x):
-        gate, up = linears_on(x, self.gate_proj, self.up_proj)
+        gate, up = self.project(x)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -312,9 +184,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
+    projections = ("q_proj", "k_proj", "v_proj")  # linears that read the same input
+
+    def project(self, x) -> tuple[torch.Tensor, ...]:
+        """q, k and v of x (an adapter may compute them together: lora.share_down_projections)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, mask, kv: LayerKV | None = None):
         B, L, _ = x.shape
-        q, k, v = linears_on(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.project(x)
         q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -323,6 +201,12 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if kv is not None:  # generation: attend over every position run so far (mask is explicit)
             k, v = kv.append(k, v)
+            if L == 1:  # one query per row: the query heads sharing a key/value head become that
+                # head's query rows, so the cache is read once (enable_gqa with a mask falls back
+                # to copying every key and value once per query head)
+                out = F.scaled_dot_product_attention(
+                    q.reshape(B, self.num_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
+                return self.o_proj(out.reshape(B, 1, -1))
         # Right-padded rows need no mask: causal attention never reaches the trailing padding.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
@@ -380,6 +264,19 @@ class DecoderLayer(nn.Module):
                               audio_index).view(B, L, D)
         return h2 + self.mlp(self.post_attention_layernorm(h2))
 
+    def decode_audio(self, h, cos, sin, mask, kv: StaticLayerKV):
+        """forward for generation's decode step, where every position is audio-out: DualFFN layers
+        take the audio norms and FFN, plain layers the text ones, with no routing. Fast-forward
+        layers pass audio positions through and cache nothing: their keys there are hidden from
+        text queries and only seen by their own query, whose output is discarded."""
+        if self.kind == "fast_forward":
+            return h
+        dual = self.kind == "dual"
+        attn_norm = self.audio_input_layernorm if dual else self.input_layernorm
+        ffn_norm = self.audio_post_attention_layernorm if dual else self.post_attention_layernorm
+        h = h + self.self_attn(attn_norm(h), cos, sin, mask, kv)
+        return h + (self.audio_mlp if dual else self.mlp)(ffn_norm(h))
+
 
 # ----------------------------------------------------------------------------------------------
 # Whisper-style audio tower (only in checkpoints that have one)
@@ -416,6 +313,13 @@ class WhisperEncoderLayer(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
+def tower_lengths(mel_frames):
+    """(frames after the tower's stride-2 conv, states after its 2x pooling) of a chunk with
+    `mel_frames` valid mel frames (an int or a tensor of them)."""
+    conv = (mel_frames - 1) // 2 + 1
+    return conv, (conv - 2) // 2 + 1
+
+
 class AudioTower(nn.Module):
     """Whisper encoder + 2x average pooling: 30 s of 128-bin log-mel (3000 frames) -> 750 states."""
 
@@ -429,17 +333,11 @@ class AudioTower(nn.Module):
                                     for _ in range(cfg.whisper_layers))
         self.layer_norm = nn.LayerNorm(d)
 
-    @staticmethod
-    def output_lengths(mel_lengths: torch.Tensor):
-        """(frames after conv2, states after pooling) for each chunk's valid mel length."""
-        conv = (mel_lengths - 1) // 2 + 1
-        return conv, (conv - 2) // 2 + 1
-
     def forward(self, features, mel_lengths):
         x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)
         x = x + self.embed_positions.weight
-        conv_len, _ = self.output_lengths(mel_lengths)
+        conv_len, _ = tower_lengths(mel_lengths)
         T = x.shape[1]
         # The official tower (transformers 4.46 eager WhisperAttention) ADDS its boolean key mask
         # to the scores: +1 on valid frames, padding frames stay visible. Whisper itself never
@@ -506,9 +404,8 @@ class HiggsAudioModel(nn.Module):
         per batch); fuses norms, RoPE, SwiGLU and LoRA epilogues and recomputes cheap elementwise
         results in backward instead of storing them. memory_budget < 1 lets the compiler
         recompute more of the forward in backward to hold fewer activations. cpp_wrapper launches
-        each layer's ~200 kernels from generated C++ instead of Python: where the host CPU is
-        slow, batch 8 otherwise leaves the GPU waiting (bench.py, one H100 host: 18.8k -> 27.0k
-        positions/s), at the price of a longer compilation."""
+        each layer's ~200 kernels from generated C++ instead of Python, so a slow host CPU keeps
+        the GPU waiting less at small batches, at the price of a longer compilation."""
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = memory_budget
@@ -530,7 +427,7 @@ class HiggsAudioModel(nn.Module):
                                    .to(flat.dtype))
         if batch.whisper_index.numel():
             states = self.audio_tower(batch.whisper_features, batch.whisper_mel_lengths)
-            _, n_out = AudioTower.output_lengths(batch.whisper_mel_lengths)
+            _, n_out = tower_lengths(batch.whisper_mel_lengths)
             valid = torch.arange(states.shape[1], device=h.device)[None, :] < n_out[:, None]
             flat = flat.index_copy(0, batch.whisper_index,
                                    self.audio_encoder_proj(states[valid]).to(flat.dtype))
@@ -573,6 +470,21 @@ class HiggsAudioModel(nn.Module):
             h = layer.forward(h, cos, sin, text_index, audio_index, ff_mask[:, None],
                               mask[:, None], kv)
         return self.norm(h)
+
+    def decode_step(self, codes, position_ids, active, cache: StaticKVCache) -> torch.Tensor:
+        """Generation's fixed-shape step: feed each row one audio-out frame `codes` (B, K) at
+        position `position_ids` (B, 1), cached in column `cache.at`; the next frame's audio logits
+        (B, K, rows), fp32. Shapes and buffers are the same every frame, so it compiles once and
+        replays as a CUDA graph. Equals forward_cached on the same position (test_generate);
+        finished rows (not `active`) stay hidden from later positions as there."""
+        h = self.embed_audio_codes(codes).to(self.embed_tokens.weight.dtype)[:, None]
+        cache.valid[:, cache.at] = active[:, None]
+        own = torch.arange(cache.valid.shape[1], device=h.device) == cache.at
+        mask = (cache.valid | own)[:, None, None]  # later columns are not valid yet
+        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
+        for layer, kv in zip(self.layers, cache.layers):
+            h = layer.decode_audio(h, cos, sin, mask, kv)
+        return self.audio_logits(self.norm(h)[:, 0]).float()
 
     # heads, applied by loss.py / evaluation only where needed
     def text_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
@@ -619,6 +531,49 @@ class KVCache:
         self.valid, self.audio = cat(self.valid, valid), cat(self.audio, audio)
 
 
+class StaticLayerKV:
+    """One layer's keys and values in preallocated (B, kv_heads, max_len, head_dim) buffers;
+    `append` writes the new position in place at column `at`, a (1,) tensor shared by all layers,
+    so every decode step has the same shapes and addresses (what a CUDA graph replays)."""
+
+    def __init__(self, k, v, at):
+        self.k, self.v, self.at = k, v, at
+
+    def append(self, k, v):
+        self.k[:, :, self.at] = k
+        self.v[:, :, self.at] = v
+        return self.k, self.v
+
+
+class StaticKVCache:
+    """The decode step's cache: the prompt's keys and values from a prefill KVCache, then one
+    column per frame. `valid` (B, max_len) marks the columns later positions may attend: the
+    prompt's real positions and the frames of rows still active. Decode queries are all audio,
+    so unlike KVCache it needs no record of which columns are audio."""
+
+    def __init__(self, cfg: HiggsConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        # zeros, not empty: a masked column still enters attention as 0 * value
+        self.at = torch.zeros(1, dtype=torch.long, device=device)
+        self.layers = [StaticLayerKV(torch.zeros(shape, dtype=dtype, device=device),
+                                     torch.zeros(shape, dtype=dtype, device=device), self.at)
+                       for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.at, self.valid] + [t for kv in self.layers for t in (kv.k, kv.v)]
+
+    def load(self, prefill: KVCache) -> None:
+        """Start from a prefill's cache; the first frame goes in the column after it."""
+        n = prefill.valid.shape[1]
+        for kv, done in zip(self.layers, prefill.layers):
+            kv.k[:, :, :n] = done.k
+            kv.v[:, :, :n] = done.v
+        self.valid.zero_()
+        self.valid[:, :n] = prefill.valid
+        self.at.fill_(n)
+
+
 # ----------------------------------------------------------------------------------------------
 # Initialisation and loading
 
@@ -645,118 +600,3 @@ def build_model(cfg: HiggsConfig, device="cpu", dtype=torch.float32, seed: int =
         model = HiggsAudioModel(cfg)
         init_weights(model)
     return model.to(device=device, dtype=dtype)
-
-
-# transformers `higgs_audio_v2` name -> official name
-_TRANSFORMERS_RENAMES = [
-    ("model.embed_audio_tokens.embed_audio_tokens.weight", "audio_codebook_embeddings.weight"),
-    ("audio_lm_head.weight", "audio_decoder_proj.audio_lm_head.weight"),
-    ("text_lm_head.weight", "audio_decoder_proj.text_lm_head.weight"),
-]
-
-
-def official_name(name: str) -> str:
-    for src, dst in _TRANSFORMERS_RENAMES:
-        if name == src:
-            return dst
-    return name[len("model."):] if name.startswith("model.") else name
-
-
-def transformers_name(name: str) -> str:
-    for src, dst in _TRANSFORMERS_RENAMES:
-        if name == dst:
-            return src
-    return "model." + name
-
-
-def safetensors_files(ckpt_dir: str) -> list[str]:
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(ckpt_dir, s) for s in shards]
-    single = os.path.join(ckpt_dir, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {ckpt_dir}")
-
-
-def load_model(ckpt_dir: str, device="cpu", dtype=torch.bfloat16) -> HiggsAudioModel:
-    """Build on the meta device and load the checkpoint's tensors in place (assign=True)."""
-    from safetensors import safe_open
-
-    cfg = HiggsConfig.from_checkpoint(ckpt_dir)
-    with torch.device("meta"):
-        model = HiggsAudioModel(cfg)
-    state = {}
-    for path in safetensors_files(ckpt_dir):
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                state[official_name(name)] = f.get_tensor(name).to(dtype)
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {ckpt_dir} does not match its config.json:\n"
-            f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
-            f"  unexpected ({len(unexpected)}): {unexpected[:20]}"
-            f"{' ...' if len(unexpected) > 20 else ''}\n"
-            "Check that the folder holds a Higgs-Audio v2 checkpoint in the official or the "
-            "transformers format, and that config.json belongs to these weights.")
-    model.load_state_dict(state, assign=True, strict=True)
-    model.init_buffers(device)
-    return model
-
-
-def save_checkpoint(model: HiggsAudioModel, out_dir: str, fmt: str = "official",
-                    max_shard_bytes: int = 5 * 1024 ** 3, state: dict | None = None) -> None:
-    """Write config.json + sharded safetensors (+ index when sharded) in the official or the
-    transformers layout. `state` overrides the model's tensors (e.g. merged LoRA weights)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    state = dict(state if state is not None else model.state_dict())
-    rename = transformers_name if fmt == "transformers" else (lambda n: n)
-    state = {rename(k): v.detach().contiguous() for k, v in state.items()}
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    cfg = model.cfg
-    config = cfg.to_official_dict() if fmt == "official" else transformers_config(cfg)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def transformers_config(cfg: HiggsConfig) -> dict:
-    """config.json for transformers' HiggsAudioV2ForConditionalGeneration (all-DualFFN models)."""
-    if cfg.audio_dual_ffn_layers is not None or cfg.has_audio_tower or not cfg.use_delay_pattern:
-        raise ValueError("the transformers higgs_audio_v2 layout only covers the released "
-                         "architecture: every layer DualFFN, delay pattern, no audio tower")
-    rope = dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
-    return dict(model_type="higgs_audio_v2", architectures=["HiggsAudioV2ForConditionalGeneration"],
-                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope,
-                num_codebooks=cfg.audio_num_codebooks, codebook_size=cfg.codebook_rows,
-                audio_token_id=cfg.audio_out_token_id, audio_bos_token_id=cfg.audio_out_bos_token_id,
-                audio_stream_bos_id=cfg.audio_stream_bos_id,
-                audio_stream_eos_id=cfg.audio_stream_eos_id, pad_token_id=cfg.pad_token_id,
-                tie_word_embeddings=False, max_position_embeddings=131072)

@@ -1,10 +1,26 @@
 """bench.py's CPU smoke path (the GPU numbers come from device runs, README 'Performance')."""
+import pytest
+
 import bench
 
-
+@pytest.mark.slow
 def test_bench_cpu_tiny_reports_its_json_fields():
     r = bench.main(["--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "1",
                     "--batch_size", "2"])
     assert r["positions_per_s"] > 0 and r["pipeline_samples_per_s"] > 0
     assert {"peak_gib", "mfu", "target_audio_s_per_s"} <= r.keys()
     assert r["positions_per_sample"] == 553  # 2x40 text + 8 s reference + 10 s target
+
+@pytest.mark.slow
+def test_bench_generate_cpu_tiny_reports_consistent_fields_and_matches_transformers():
+    r = bench.main(["--generate", "--device", "cpu", "--preset", "tiny", "--batch_size", "2",
+                    "--frames", "20", "--steps", "1", "--baseline"])
+    assert r["batch_size"] == 2 and r["frames"] == 20 and r["decode"] == "eager"
+    assert r["ms_per_frame"] == pytest.approx(r["seconds"] / 20 * 1e3)
+    assert r["audio_seconds_per_s"] == pytest.approx(2 * 20 / 25 / r["seconds"])
+    # text, <|audio_out_bos|>, 8 s of codes with stream BOS/EOS and the delay, <|audio_eos|>,
+    # text, <|audio_out_bos|>
+    assert r["prompt_positions"] == 40 + 1 + (200 + 2 + 7) + 1 + 40 + 1
+    assert r["compile_seconds"] >= 0
+    assert r["generate_speedup"] == pytest.approx(r["baseline_ms_per_frame"] / r["ms_per_frame"])
+    assert r["baseline_same_codes"]  # transformers' greedy generate picks the same frames

@@ -12,11 +12,15 @@ import soundfile as sf
 import torch
 
 import train as train_mod
-from collate import Collator
-from conftest import DEMO_DATA, ROOT
-from data import (DataError, codes_path, expected_frames, expanded_length, load_dataset,
-                  load_records, load_tokenizer, main, make_sample, model_spec, read_records)
-from model import HiggsConfig
+from audio import codes_path, expected_frames
+from checkpoint import load_tokenizer, model_spec, read_config
+from chatml import DataError
+from collate import Collator, expanded_length
+from data import load_dataset, main, make_sample
+from formats import load_records, read_records
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_DATA = os.path.join(ROOT, "demo", "data")
 
 SYSTEM = "Generate audio following instruction."
 
@@ -387,7 +391,7 @@ def test_odd_inputs_never_traceback(clean, capsys):
         rc, out, err = cli(["check", str(clean / name), "--format", fmt], capsys)
         assert rc == 1 and "invalid (1;" in out and "(record 0): " in out, (name, out, err)
 
-
+@pytest.mark.slow
 def test_cli_in_a_subprocess_prints_no_traceback(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b"\x00\x01\x02\xff")
@@ -443,21 +447,21 @@ def test_skip_invalid_drops_exactly_the_bad_records(clean, tiny):
     objs = [cloning(0, 1), cloning(1, 2, start_index=9), cloning(2, 3), cloning(3, 4, messages=[]),
             cloning(4, 5)]
     path = write_lines(clean / "d.jsonl", objs)
-    cfg = train_mod.TrainConfig(output_dir=str(clean / "run"))
+    cfg = train_mod.parse(train_mod.TrainConfig, ["--output_dir", str(clean / "run")])
     with pytest.raises(DataError) as e:
         train_mod.load_samples(path, *tiny, cfg)
     message = str(e.value)
     assert f"{path}: 2 of 5 records are invalid" in message and "--skip_invalid" in message
     assert f"{path}:2 (record 1)" in message and f"{path}:4 (record 3)" in message
-    assert not os.path.exists(cfg.output_dir)
+    assert not os.path.exists(cfg.run.output_dir)
 
-    cfg.skip_invalid = True
+    cfg.data.skip_invalid = True
     samples = train_mod.load_samples(path, *tiny, cfg)
     same_samples(samples, samples_of(write_lines(clean / "good.jsonl", objs[::2]), tiny))
     other = write_lines(clean / "eval.jsonl", [cloning(), {"messages": [user("x")]}])
     train_mod.load_samples(other, *tiny, cfg)
     train_mod.load_samples(path, *tiny, cfg)  # rerun: its lines are replaced, the eval lines kept
-    with open(os.path.join(cfg.output_dir, "skipped_records.jsonl")) as f:
+    with open(os.path.join(cfg.run.output_dir, "skipped_records.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [(r["data"], r["index"], r["source"]) for r in rows] == [
         (other, 1, f"{other}:2 (record 1)"), (path, 1, f"{path}:2 (record 1)"),
@@ -475,7 +479,7 @@ def test_expanded_length_matches_the_collator(tiny):
     for case in ("released", "dual_ffn_nodelay", "tower_ff", "whisper_long"):  # delay off, Whisper
         ckpt = os.path.join(ROOT, "tests", "golden", case, "ckpt")
         records = load_records(os.path.join(ROOT, "tests", "golden", case, "data", "records.jsonl"))
-        cases.append(((load_tokenizer(ckpt), HiggsConfig.from_checkpoint(ckpt)), records))
+        cases.append(((load_tokenizer(ckpt), read_config(ckpt)), records))
     for (tok, cfg), records in cases:
         collator = Collator(cfg)
         for r in records:

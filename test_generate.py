@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -12,13 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 import generate as gen
-import train as train_mod
+import health
+from audio import CODES_FRAME_RATE, codes_path
+from checkpoint import load_model, load_tokenizer
+from chatml import record_from_json
 from collate import Collator
-from conftest import DEMO_DATA, ROOT, train_until_killed
-from data import CODES_FRAME_RATE, codes_path, load_records, load_tokenizer, record_from_json
+from formats import load_records
 from lora import inject_lora, save_adapter
-from model import HiggsConfig, KVCache, build_model, load_model
-from test_golden import case_setup
+from model import HiggsConfig, KVCache, build_model
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_DATA = os.path.join(ROOT, "demo", "data")
 
 GOLDEN = os.path.join(ROOT, "tests", "golden_generate")
 EXPECTED = json.load(open(os.path.join(GOLDEN, "expected.json")))
@@ -62,10 +67,10 @@ def test_greedy_generation_matches_official(name):
 
 
 @pytest.mark.parametrize("case", ["released", "tower_ff", "dual_ffn_nodelay"])
-def test_cached_forward_equals_the_training_forward(case):
+def test_cached_forward_equals_the_training_forward(case, golden_records):
     """In one chunk or two, over right-padded rows: the incremental path gives the hidden states of
     the golden-tested forward (fast-forward and plain layers, Whisper positions included)."""
-    model, samples = case_setup(case)
+    model, samples = golden_records(case)
     batch = Collator(model.cfg)(samples)
     with torch.no_grad():
         want = model(batch)[batch.attention_mask]
@@ -103,13 +108,148 @@ def test_kv_cache_equals_recomputing_the_prefix():
     assert any(len({n for n, ended in lengths[i, 1.0] if ended}) > 1 for i in range(3)), lengths
 
 
+def with_lora(model):
+    """A tiny model carrying unmerged LoRA adapters (random B) on every target, as in training."""
+    inject_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    return model
+
+
+def tiny_cases(device="cpu"):
+    """The tiny models (three layer layouts, one with LoRA) with three prompts each."""
+    tok = load_tokenizer(os.path.join(ROOT, "demo", "tokenizer"))
+    models = tiny_models() + [with_lora(tiny_models()[0])]
+    return [(m.to(device), [gen.prompt_of(r, tok, m.cfg) for r in load_records(EVAL)[:3]])
+            for m in models]
+
+
+SAMPLINGS = [GREEDY, gen.Sampling(temperature=1.0, seed=3), gen.Sampling(seed=5)]
+
+
+def test_fixed_shape_step_equals_the_growing_cache():
+    """The static-cache step (DualFFN layers on the audio path, fast-forward layers skipped, plain
+    layers, unmerged LoRA) picks the growing cache's frames, greedy and sampled (top-k, top-p,
+    repetition-aware), rows ending at different steps; a second call reuses the step."""
+    for model, prompts in tiny_cases():
+        for sampling in SAMPLINGS:
+            sampling = dataclasses.replace(sampling, max_seconds=1.2)
+            fixed = gen.generate(model, prompts, sampling)
+            step = model.decode_step_cache
+            dynamic = gen.generate(model, prompts, sampling, decode="dynamic")
+            again = gen.generate(model, prompts, sampling)
+            assert [g.stream.tolist() for g in fixed] == [g.stream.tolist() for g in dynamic] \
+                == [g.stream.tolist() for g in again]
+            assert [g.ended for g in fixed] == [g.ended for g in dynamic]
+            assert model.decode_step_cache is step
+
+
+def test_frames_after_every_row_ended_change_nothing(monkeypatch):
+    """The fixed-shape loop looks whether all rows have ended only every CHECK_EVERY frames;
+    the frames it runs past the last end leave every row's stream as it was."""
+    model, prompts = tiny_cases()[2]
+    sampling = dataclasses.replace(SAMPLINGS[1], max_seconds=1.2)
+    calls = []
+    real_call = gen.DecodeStep.__call__
+    monkeypatch.setattr(gen.DecodeStep, "__call__",
+                        lambda self, *a: calls.append(1) or real_call(self, *a))
+    fixed = gen.generate(model, prompts, sampling)
+    dynamic = gen.generate(model, prompts, sampling, decode="dynamic")
+    frames = max(g.stream.shape[1] for g in dynamic) - 1  # the last row's end
+    assert all(g.ended for g in dynamic) and frames < len(calls) == gen.CHECK_EVERY
+    assert [g.stream.tolist() for g in fixed] == [g.stream.tolist() for g in dynamic]
+    assert len({g.stream.shape[1] for g in fixed}) > 1  # rows ended at different frames
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode step on CUDA (compiled or captured): run on a GPU machine
+
+
+def count_syncs(fn) -> int:
+    """How many times fn makes the host wait for the GPU."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+CUDA_MODES = pytest.mark.parametrize("mode", ["cuda_graph", "compile"])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.fixture
+def exact_cuda(monkeypatch):
+    """fp32 convolutions (the Whisper tower) without TF32; more compiled steps than Dynamo's
+    default 8 per function (every DecodeStep compiles the same method)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+
+
+@needs_cuda
+@CUDA_MODES
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_greedy_generation_matches_official_on_cuda(name, mode, exact_cuda):
+    model, prompts, sampling, want = golden_case(name)
+    model.cuda()
+    alone = [gen.generate(model, [p], sampling, decode=mode)[0] for p in prompts]
+    batched = gen.generate(model, prompts, sampling, decode=mode)
+    for out in (alone, batched):
+        for got, w in zip(out, want):
+            assert got.stream.tolist() == w["stream"] and got.ended == w["ended"]
+
+
+@needs_cuda
+@CUDA_MODES
+def test_cuda_step_equals_the_growing_cache_and_never_waits(mode, exact_cuda):
+    """On the GPU: the compiled / captured step picks the growing cache's frames (greedy and
+    sampled; LoRA included), is built once for repeated calls, follows in-place parameter
+    updates (the optimizer's), and the loop waits for the GPU only at its checks."""
+    streams = lambda out: [g.stream.tolist() for g in out]  # noqa: E731
+    cases = tiny_cases("cuda")
+    for model, prompts in cases:
+        for sampling in SAMPLINGS:
+            sampling = dataclasses.replace(sampling, max_seconds=1.2)
+            fixed = gen.generate(model, prompts, sampling, decode=mode)
+            step = model.decode_step_cache
+            dynamic = gen.generate(model, prompts, sampling, decode="dynamic")
+            again = gen.generate(model, prompts, sampling, decode=mode)
+            assert streams(fixed) == streams(dynamic) == streams(again)
+            assert model.decode_step_cache is step
+    model, prompts = cases[3]  # with LoRA
+    sampling = dataclasses.replace(GREEDY, max_seconds=1.2)
+    old = gen.generate(model, prompts, sampling, decode=mode)
+    step = model.decode_step_cache
+    with torch.no_grad():  # an optimizer step: LoRA B moves in place
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(-3)
+    new = gen.generate(model, prompts, sampling, decode=mode)
+    assert model.decode_step_cache is step and streams(new) != streams(old)
+    assert streams(new) == streams(gen.generate(model, prompts, sampling, decode="dynamic"))
+
+    def syncs(frames):
+        s = dataclasses.replace(GREEDY, max_seconds=frames / CODES_FRAME_RATE)
+        gen.generate(model, prompts, s, decode=mode)  # builds the step for these shapes
+        return count_syncs(lambda: gen.generate(model, prompts, s, decode=mode))
+    assert syncs(48) - syncs(16) == (48 - 16) // gen.CHECK_EVERY
+    logits = torch.randn(3, 8, 34, device="cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
+    assert count_syncs(lambda: [gen.pick(logits, s, generator) for s in SAMPLINGS] +
+                       [gen.draw(logits, generator)]) == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Health checks
 
 
 def check(codes, ended=True, wav=None, text="x" * 30, rate=15.0, reference=None, reference_codes=None):
-    prompt = gen.Prompt(None, text, reference, reference_codes, rate)
-    return gen.health(prompt, gen.Generated(None, codes, ended), wav)
+    return health.health(codes, ended, text, rate, reference, reference_codes, wav)
 
 
 def test_each_health_check_fires_on_its_crafted_case_only():
@@ -129,7 +269,7 @@ def test_each_health_check_fires_on_its_crafted_case_only():
     # without an audio tokenizer: the reference's silence code, from its near-silent frames
     reference = torch.cat([torch.zeros(10 * 960), 0.1 * torch.randn(40 * 960, generator=g)])
     ref_codes = torch.cat([torch.full((8, 10), 7), torch.randint(8, 32, (8, 40), generator=g)], 1)
-    assert gen.silence_code(reference, ref_codes) == 7
+    assert health.silence_code(reference, ref_codes) == 7
     silent = codes.clone()
     silent[0] = 7
     assert check(silent, reference=reference, reference_codes=ref_codes)["failed"] == ["silence"]
@@ -143,14 +283,14 @@ def test_never_ending_stream_is_flagged():
     out = gen.generate(model, [prompt], dataclasses.replace(GREEDY, max_seconds=1))[0]
     # 25 frames after the BOS one; the last 7 are incomplete (delay) and the last column is cut
     assert not out.ended and out.stream.shape[1] == 26 and out.codes.shape[1] == 25 - 7 - 1
-    assert "ended" in gen.health(prompt, out)["failed"]
+    assert "ended" in health.health(out.codes, out.ended, prompt.text, prompt.chars_per_second)["failed"]
 
 
 def test_word_error_rate():
-    assert gen.word_error_rate("The cat sat.", "the cat sat") == 0
-    assert gen.word_error_rate("the cat sat on the mat", "the cat sat on mat") == 1 / 6
-    assert gen.word_error_rate("a b", "c a b d") == 1.0
-    assert gen.word_error_rate("a b", "") == 1.0
+    assert health.word_error_rate("The cat sat.", "the cat sat") == 0
+    assert health.word_error_rate("the cat sat on the mat", "the cat sat on mat") == 1 / 6
+    assert health.word_error_rate("a b", "c a b d") == 1.0
+    assert health.word_error_rate("a b", "") == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -199,24 +339,24 @@ def scorers(tmp_path_factory):
 
 @pytest.mark.parametrize("asr_kind", ["ctc", "whisper"])
 def test_optional_scorers_run_real_models(scorers, asr_kind):
-    asr, speaker = gen.AsrScorer(scorers[asr_kind], "cpu"), gen.SpeakerScorer(scorers["speaker"], "cpu")
+    asr, speaker = health.AsrScorer(scorers[asr_kind], "cpu"), health.SpeakerScorer(scorers["speaker"], "cpu")
     g = torch.Generator().manual_seed(0)
     a, b = 0.1 * torch.randn(24000, generator=g), 0.1 * torch.randn(36000, generator=g)
     wer, heard = asr(a, "the cat sat")
-    assert isinstance(heard, str) and wer == gen.word_error_rate("the cat sat", heard)
+    assert isinstance(heard, str) and wer == health.word_error_rate("the cat sat", heard)
     assert asr(a[:100], "the cat sat") == (1.0, "")  # too short to transcribe: nothing heard
     assert speaker(a, a) == pytest.approx(1.0, abs=1e-5) and -1 <= speaker(a, b) < 1
     assert speaker(a, b[:100]) is None
-    prompt = gen.Prompt(None, "the cat sat", a, None, None)
     codes = torch.zeros(8, 25, dtype=torch.long)
-    r = gen.health(prompt, gen.Generated(None, codes, True), b, asr, speaker)
+    r = health.health(codes, True, "the cat sat", None, a, None, b, asr, speaker)
     assert {"wer", "heard", "speaker_similarity"} <= r.keys()
-    assert ("wer" in r["failed"]) == (r["wer"] > gen.MAX_WER)
+    assert ("wer" in r["failed"]) == (r["wer"] > health.MAX_WER)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
+@pytest.mark.slow
 
 def test_cli_clones_a_voice_with_adapter_tokenizer_and_scorers(tiny_ckpt, audio_tokenizer, scorers,
                                                                 tmp_path, capsys):
@@ -264,23 +404,17 @@ def test_cli_clones_a_voice_with_adapter_tokenizer_and_scorers(tiny_ckpt, audio_
 # Sampling during training
 
 
-def run_train(tmp, *extra, ckpt):
-    args = ["--model", ckpt, "--train_data", os.path.join(DEMO_DATA, "train.jsonl"), "--eval_data", EVAL,
-            "--output_dir", str(tmp), "--max_steps", "4", "--batch_size", "2", "--save_every", "2",
-            "--log_every", "100", "--lr", "5e-3", "--warmup_steps", "2", "--device", "cpu", *extra]
-    return train_mod.train(train_mod.config_from_args(args))
-
-
 def metrics(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def test_training_writes_samples_and_health_and_resumes_exactly(tiny_ckpt, audio_tokenizer, tmp_path,
-                                                                 monkeypatch, capsys):
-    sampling = ["--sample_every", "2", "--sample_count", "2", "--sample_max_seconds", "1",
-                "--audio_tokenizer", audio_tokenizer]
+@pytest.mark.slow
+def test_training_writes_samples_and_health_and_resumes_exactly(audio_tokenizer, tmp_path, run_train,
+                                                                 kill_after_checkpoint, capsys):
+    sampling = ["--max_steps", "4", "--save_every", "2", "--eval_data", EVAL, "--sample_every", "2",
+                "--sample_count", "2", "--sample_max_seconds", "1", "--audio_tokenizer", audio_tokenizer]
     full = tmp_path / "full"
-    run_train(full, *sampling, ckpt=tiny_ckpt)
+    run_train(full, *sampling)
     assert "samples at step 2 in" in capsys.readouterr().out
     for step in (2, 4):
         folder = full / "samples" / f"step_{step:08d}"
@@ -293,13 +427,13 @@ def test_training_writes_samples_and_health_and_resumes_exactly(tiny_ckpt, audio
                 "sample_failed"} <= r.keys() for r in rows)
 
     plain = tmp_path / "plain"  # sampling leaves training untouched
-    run_train(plain, ckpt=tiny_ckpt)
+    run_train(plain, *sampling[:6])
     losses = lambda run: [(r["step"], r["loss"]) for r in metrics(run) if "loss" in r]  # noqa: E731
     assert losses(plain) == losses(full)
 
     part = tmp_path / "part"
-    train_until_killed(monkeypatch, lambda: run_train(part, *sampling, ckpt=tiny_ckpt), step=2)
-    run_train(part, *sampling, "--resume", ckpt=tiny_ckpt)
+    kill_after_checkpoint(lambda: run_train(part, *sampling), step=2)
+    run_train(part, *sampling, "--resume")
     assert losses(part) == losses(full)
     a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (part, full))
     assert all(torch.equal(a[k], b[k]) for k in b)

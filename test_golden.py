@@ -10,23 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from audio import codes_path
+from chatml import AudioPart, resolve_audio_path
 from collate import AUDIO_IN_CODES, AUDIO_OUT, WHISPER, Collator
-from data import load_records, load_tokenizer, make_sample
-from loss import loss_sums
-from model import load_model
+from formats import load_records
+from loss import Objective
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 FILES = sorted(glob.glob(os.path.join(GOLDEN, "*", "expected_*.npz")))
 CASES = sorted({os.path.basename(os.path.dirname(f)) for f in FILES})
-
-
-def case_setup(case):
-    ckpt = os.path.join(GOLDEN, case, "ckpt")
-    model = load_model(ckpt, dtype=torch.float32).eval()
-    tok = load_tokenizer(ckpt)
-    records = load_records(os.path.join(GOLDEN, case, "data", "records.jsonl"))
-    return model, [make_sample(r, tok, model.cfg) for r in records]
 
 
 def official_ids_view(batch, cfg):
@@ -43,13 +36,28 @@ def rows(t, mask):
 
 
 def test_golden_fixtures_exist():
-    assert {"released", "tower_ff", "whisper_long", "dual_ffn_nodelay"} <= set(CASES), CASES
+    """Every case has its checkpoint and tokenizer, records whose audio files and codes are
+    present, an expected batch per record (bs1) and one batch of all records (bsall)."""
+    assert CASES == ["dual_ffn_nodelay", "released", "tower_ff", "whisper_long"]
+    for case in CASES:
+        folder = os.path.join(GOLDEN, case)
+        for name in ("ckpt/config.json", "ckpt/model.safetensors", "ckpt/tokenizer.json"):
+            assert os.path.isfile(os.path.join(folder, name)), (case, name)
+        records = load_records(os.path.join(folder, "data", "records.jsonl"))
+        audio = [resolve_audio_path(p, r.base_dir) for r in records for m in r.messages
+                 for p in m.content if isinstance(p, AudioPart)]
+        assert audio and all(os.path.isfile(a) and os.path.isfile(codes_path(a)) for a in audio)
+        for name, batches in (("expected_bs1.npz", len(records)), ("expected_bsall.npz", 1)):
+            exp = np.load(os.path.join(folder, name))
+            assert int(exp["num_batches"]) == batches, (case, name)
+            assert all(f"b{b}_{k}" in exp for b in range(batches)
+                       for k in ("expanded_input_ids", "hidden", "text_loss_sum", "audio_count"))
 
 
 @pytest.mark.parametrize("path", FILES, ids=[os.path.relpath(f, GOLDEN) for f in FILES])
-def test_matches_official(path):
+def test_matches_official(path, golden_records):
     case = os.path.basename(os.path.dirname(path))
-    model, samples = case_setup(case)
+    model, samples = golden_records(case)
     cfg = model.cfg
     exp = np.load(path)
     bs = int(exp["batch_size"])
@@ -78,7 +86,9 @@ def test_matches_official(path):
         if cfg.encode_audio_in_tokens and e("audio_in_ids").numel():
             assert torch.equal(batch.audio_codes[~is_out].T, e("audio_in_ids"))
         if f"b{b}_audio_features" in exp and e("audio_features").numel():
-            torch.testing.assert_close(batch.whisper_features, e("audio_features"), rtol=1e-5, atol=1e-5)
+            # log-mel of near-silent bins carries the host CPU's FFT rounding (6.5e-5 seen between
+            # machines); the hidden states below are compared at 1e-4 as well
+            torch.testing.assert_close(batch.whisper_features, e("audio_features"), rtol=1e-4, atol=1e-4)
             assert torch.equal(batch.whisper_mel_lengths, e("audio_feature_attention_mask").sum(-1).long())
 
         with torch.no_grad():
@@ -91,17 +101,18 @@ def test_matches_official(path):
                                            e("audio_logits"), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(model.text_logits(flat[batch.text_logit_index]),
                                        e("text_logits_labelled"), rtol=1e-4, atol=1e-4)
-            sums = loss_sums(model, hidden, batch)
+            sums = Objective(cfg).sums(model, hidden, batch)
         assert int(sums.text_count) == int(exp[f"b{b}_text_count"])
         assert sums.audio_count.long().tolist() == exp[f"b{b}_audio_count"].astype(int).tolist()
         assert abs(float(sums.text_sum) - float(exp[f"b{b}_text_loss_sum"])) <= 5e-4 * max(1, int(sums.text_count))
-        m = sums.metrics()
+        m = Objective(cfg).metrics(sums)
         if int(sums.text_count):
             assert abs(m["text_loss"] - float(exp[f"b{b}_text_loss"])) < 5e-4
         if int(sums.audio_count.sum()):
             assert abs(m["audio_loss"] - float(exp[f"b{b}_audio_loss"])) < 5e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["released", "tower_ff"])
 def test_eval_cli_is_token_weighted_and_batch_size_independent(case, tmp_path):
     """train.py --eval_only over the whole file equals the golden sums, for any batch size."""

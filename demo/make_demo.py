@@ -11,7 +11,7 @@ Writes, deterministically (same packages -> same bytes):
   demo/data/        24 clips (8 per speaker, 3 espeak-ng voices), 24 kHz mono 16-bit WAV, each with
                     its `<stem>.codes.npy` sidecar: int64 (8, T), T = frames at 25 Hz, values in
                     [0, 32); plus train.jsonl (40 records) and eval.jsonl (6 records) in the official
-                    zero-shot voice-cloning ChatML layout (SPEC section 3, start_index 4).
+                    zero-shot voice-cloning ChatML layout (OFFICIAL.md section 3, start_index 4).
 
 How the codes are made: transformers' `HiggsAudioV2TokenizerModel` (the real Higgs-Audio v2 audio
 tokenizer architecture: DAC acoustic encoder + HuBERT semantic model + semantic encoder + RVQ) is

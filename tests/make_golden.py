@@ -8,13 +8,18 @@ How the reference venv is made (CPU is enough; everything here runs in fp32 on C
 
     python -m venv V
     V/bin/pip install torch==2.11.0 torchaudio==2.11.0 transformers==4.46.3 safetensors numpy dacite \
-        loguru pandas librosa soundfile tokenizers
+        loguru pandas librosa soundfile tokenizers soxr
     V/bin/pip install --no-deps boson-multimodal==0.1.1
+
+(soxr comes with librosa anyway: librosa.resample's default `soxr_hq` is what the official collator,
+audio tokenizer and serve engine resample with.)
 
 This script imports nothing from the repository: only the official package and its dependencies.
 It deletes and rewrites everything under tests/golden/ (see tests/golden/README.md, written below,
 for the layout, the cases, the records and the official bugs routed around). Deterministic: fixed
-seeds, one CPU thread; a re-run gives byte-identical files.
+seeds, one CPU thread; a re-run on the same machine gives byte-identical files. Another CPU can
+change the float values in the last bits (torch/MKL pick SIMD kernels by CPU: seen ~1e-6 in logits,
+up to 7e-5 in Whisper features of near-silent mel bins); integer arrays and the data do not change.
 """
 
 import os
@@ -38,7 +43,6 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-import torchaudio
 from safetensors import safe_open
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, WhisperFeatureExtractor
@@ -407,7 +411,7 @@ def build_records(case, data_dir, rng, K):
             "misc": {},
         }
     )
-    # R1: reference audio inside a user turn (text part + audio part), start_index null.
+    # R1: reference audio (22.05 kHz) inside a user turn (text part + audio part), start_index null.
     recs.append(
         {
             "messages": [
@@ -416,7 +420,7 @@ def build_records(case, data_dir, rng, K):
                     "role": "user",
                     "content": [
                         {"type": "text", "text": "Listen to the audio and say it again."},
-                        audio_part(A("r1_user", 16000)),
+                        audio_part(A("r1_user", 22050)),
                     ],
                 },
                 {"role": "assistant", "content": audio_part(A("r1_answer", 24000))},
@@ -495,17 +499,29 @@ def build_records(case, data_dir, rng, K):
 # --------------------------------------------------------------------------------------------
 # Official sample construction (what a dataset would hand the official collator)
 # --------------------------------------------------------------------------------------------
-def load_wav16k(path):
-    """Exactly how our implementation loads audio for the Whisper path."""
+WHISPER_SR = 16000
+
+
+def load_wav(path):
+    """(mono float32 waveform at the file's own rate, rate): decoded like the official audio tokenizer's
+    `librosa.load(path, mono=True, sr=None)` (soundfile, float32, mean over channels; bit-identical).
+    The official collator resamples it to 16 kHz itself (`librosa.resample`, soxr_hq)."""
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1)
-    wav = torch.from_numpy(mono)
-    if sr != 16000:
-        wav = torchaudio.functional.resample(wav, sr, 16000)
-    return wav
+    return torch.from_numpy(np.ascontiguousarray(data.mean(axis=1))), sr
 
 
-def build_sample(rec, tok, data_dir, cfg, chunk_samples=30 * 16000):
+def resampled_len(n, sr, target=WHISPER_SR):
+    """Length of the official collator's `librosa.resample(wv, orig_sr=sr, target_sr=16000)` (fix=True).
+    librosa pads/cuts soxr's output to ceil(n * (target / sr)) in float64 for a Python int rate; the
+    collator passes the rate as a 0-d int64 tensor, which makes that product float32 (short of it for
+    many longer clips, e.g. 22.05 kHz from 37208 samples on). The records here must be where both agree."""
+    n64 = int(np.ceil(n * (float(target) / sr)))
+    n32 = int(np.ceil(n * (float(target) / torch.tensor(sr, dtype=torch.long))))
+    assert n64 == n32 == -(-n * target // sr), (n, sr, n64, n32)
+    return n64 if sr != target else n
+
+
+def build_sample(rec, tok, data_dir, cfg, chunk_samples=30 * WHISPER_SR):
     input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(copy.deepcopy(rec), tok)
     assert input_tokens is not None, "prepare_chatml_sample failed"
     input_ids = torch.tensor(input_tokens, dtype=torch.long)
@@ -514,8 +530,8 @@ def build_sample(rec, tok, data_dir, cfg, chunk_samples=30 * 16000):
     kinds = [t for t in input_tokens if t in (in_id, out_id)]
     assert len(kinds) == len(audio_contents)
     K = cfg.audio_num_codebooks
-    codes_l, wavs = [], []
-    expect = dict(out_codes=[], in_codes=[], n_chunks=0)  # for the self-check of the collated batch
+    codes_l, wavs, rates = [], [], []
+    expect = dict(out_codes=[], in_codes=[], n_chunks=0, mel_frames=[])  # self-check of the collated batch
     seen_out = False
     for kind, ac in zip(kinds, audio_contents):
         path = data_dir / ac.audio_url
@@ -527,9 +543,13 @@ def build_sample(rec, tok, data_dir, cfg, chunk_samples=30 * 16000):
             # Official bug (SPEC 8): Whisper waveforms are indexed by the audio-in ordinal in one loop and
             # by the global audio index in another; both agree only if no audio-out precedes an audio-in.
             assert not (cfg.encode_whisper_embed and seen_out), "audio-in after audio-out: official bug"
-            wav = load_wav16k(path)
+            wav, sr = load_wav(path)
             wavs.append(wav)
-            n_chunks = math.ceil(len(wav) / chunk_samples)
+            rates.append(sr)
+            n16 = resampled_len(len(wav), sr)
+            n_chunks = math.ceil(n16 / chunk_samples)
+            for c in range(n_chunks):  # Whisper frames (hop 160) of each 30 s chunk at 16 kHz
+                expect["mel_frames"].append(-(-(min(n16, (c + 1) * chunk_samples) - c * chunk_samples) // 160))
             if cfg.encode_whisper_embed and n_chunks > 1:
                 # Official bug (SPEC 8): chunking duplicates the <|AUDIO|> token, and the collator then looks up
                 # the codes of every LATER audio by the post-duplication index. Route around: give the official
@@ -549,7 +569,7 @@ def build_sample(rec, tok, data_dir, cfg, chunk_samples=30 * 16000):
     if wavs:
         wv_concat = torch.cat(wavs)
         wv_start = torch.tensor(np.cumsum([0] + [len(w) for w in wavs[:-1]]), dtype=torch.long)
-        wv_sr = torch.full((len(wavs),), 16000, dtype=torch.long)
+        wv_sr = torch.tensor(rates, dtype=torch.long)  # each audio at its own rate: the collator resamples
     else:
         wv_concat = torch.zeros(0, dtype=torch.float32)
         wv_start = torch.zeros(0, dtype=torch.long)
@@ -640,6 +660,8 @@ def run_batch(model, collator, samples, prefix):
         )
     if cfg.encode_whisper_embed:
         assert batch.audio_features.shape[0] == sum(x.expect["n_chunks"] for x in samples)
+        mel = batch.audio_feature_attention_mask.sum(-1).tolist()
+        assert mel == sum((x.expect["mel_frames"] for x in samples), []), mel  # resampled lengths as predicted
     out = {}
     for k in COLLATED_KEYS:
         v = getattr(batch, k)
@@ -728,7 +750,9 @@ README = """\
 
 Written by `tests/make_golden.py` (run `/tmp/refvenv/bin/python tests/make_golden.py`; it deletes and
 rewrites this folder; the venv recipe is in its docstring). Official code: boson-multimodal 0.1.1,
-transformers 4.46.3, torch 2.11, CPU, fp32, eval mode, `use_cache=False`. Official attention
+transformers 4.46.3, torch 2.11, librosa 0.11.0, soxr 1.1.0, CPU, fp32, eval mode, `use_cache=False`.
+Float values are reproducible bit for bit on one machine, not across CPUs (SIMD kernels: ~1e-6 in
+logits, up to 7e-5 in Whisper features of near-silent mel bins). Official attention
 implementation as auto-selected: SDPA (the plain `LlamaDecoderLayer` of `dual_ffn_nodelay` layer 1
 runs eager attention, same maths).
 
@@ -769,7 +793,7 @@ when `add_special_tokens=True`; the official code always encodes with `add_speci
 ## Records (same in every case; whisper_long adds R6)
 - R0: official zero-shot cloning layout (system, user transcript, assistant ref audio, user text, assistant
   target audio), `start_index` 4: ref audio is context (all its audio labels -100).
-- R1: system as a `{"type":"text"}` part; user `[text part, audio part]` (16 kHz); assistant audio (24 kHz).
+- R1: system as a `{"type":"text"}` part; user `[text part, audio part]` (22.05 kHz); assistant audio (24 kHz).
 - R2: assistant `["plain string", audio part]` with `recipient: "bob"` (recipient tokens are labelled).
 - R3: user text; two consecutive assistant audio turns (first ends with `<|eom_id|>`); 24 kHz and 22.05 kHz.
 - R4: user audio from a 44.1 kHz STEREO file (channels differ; mono = mean), assistant audio 22.05 kHz.
@@ -778,10 +802,17 @@ when `add_special_tokens=True`; the official code always encodes with `add_speci
   at 0-0.4 s, 29.8-30.2 s, 34.6-35 s); user `[16 kHz audio]`; assistant audio. The collator cuts the 35 s audio
   into a 30 s and a 5 s Whisper chunk and duplicates its `<|audio_bos|><|AUDIO|><|audio_eos|>` triplet.
 
-Audio enters the official collator already at 16 kHz, loaded exactly like our code does
-(`soundfile.read(float32, always_2d)`, mean over channels, `torchaudio.functional.resample(wav, sr, 16000)`),
-so the collator's librosa resampling never runs. `audio_ids_concat` = the sidecar codes of all audio parts
-of the record in order.
+System/user audio (audio-in) enters the official collator at the file's OWN sample rate, as the official
+pipeline hands it over: `audio_waveforms_concat` (float32 mono), `audio_waveforms_start`, `audio_sample_rate`
+(int64, one per audio). Decoded with `soundfile.read(float32, always_2d)` and averaged over channels, which
+is bit-identical to the official audio tokenizer's `librosa.load(path, mono=True, sr=None)`. In Whisper
+cases the collator resamples each to 16 kHz itself: `librosa.resample(wv.numpy(), orig_sr=sr,
+target_sr=16000)` (librosa's default `res_type="soxr_hq"`, float32 in and out), bit-identical to
+`soxr.resample(x, sr, 16000, quality="HQ")` zero-padded to `ceil(n * 16000 / sr)` samples (soxr alone gives
+round(n * 16000 / sr), up to one sample fewer). Whisper input covered: 22.05 kHz (R1), 44.1 kHz stereo (R4),
+and in whisper_long 8 kHz (R6 long) and 16 kHz (R6 short, not resampled). The script checks every
+resampled length through the collated `audio_feature_attention_mask` (ceil(len / 160) mel frames per chunk).
+`audio_ids_concat` = the sidecar codes of all audio parts of the record in order.
 
 ## Official bugs / quirks routed around or worth knowing
 - The collator writes -100 into the caller's `label_ids`: every collator call gets a deep copy.
@@ -796,6 +827,12 @@ of the record in order.
   so in `expected_bs1.npz` rows can start with padding; batches > 1 are right-padded. The collator's own
   right padding (pad id, mask 0) also survives the merge. Compare at `attention_mask_expanded == 1`.
   Position ids are `cumsum(mask) - 1` either way, so valid positions are unaffected.
+- The collator passes `audio_sample_rate[idx]`, a 0-d tensor, to librosa as `orig_sr`. With an int64 tensor
+  librosa's target length `ceil(n * (16000 / sr))` is computed in float32 and falls short of the float64
+  value for many longer clips (first at n = 37208 samples for 22.05 kHz, 74416 for 44.1 kHz, 18604 for
+  11.025 kHz, by 1 at first, more for longer ones; for 8, 24, 32, 48 kHz only past 2^24 samples); a float64
+  tensor or a Python int gives the float64 length. All clips here are short enough for both to agree (the
+  script asserts it).
 - `text_config.tie_word_embeddings` is true (as released) but the official code never ties the heads.
 - `audio_out_ids_start_group_loc` is not stored: the collator appends one entry per SAMPLE, not per
   segment (wrong) and the forward never uses it.

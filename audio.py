@@ -1,0 +1,241 @@
+"""Audio files and their codes: decoding and resampling as the official pipeline does, the
+`.codes.npy` sidecars that hold each file's audio-tokenizer codes, and the audio tokenizer.
+
+Codes are computed once, offline (`python data.py prepare`), and cached next to each audio file as
+`<stem>.codes.npy`: an integer array (num_codebooks, T) at 25 frames per second.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from chatml import AudioPart, DataError, need_file, resolve_audio_path
+from checkpoint import resolve
+
+CODES_SAMPLE_RATE = 24000  # the audio tokenizer reads 24 kHz
+CODES_HOP = 960  # samples per frame: 25 frames per second
+CODES_FRAME_RATE = CODES_SAMPLE_RATE // CODES_HOP
+WHISPER_SAMPLE_RATE = 16000
+
+
+def codes_path(audio_path: str) -> str:
+    return os.path.splitext(audio_path)[0] + ".codes.npy"
+
+
+def resampled_length(num_samples: int, sample_rate: int, target_rate: int) -> int:
+    """Length of `resample`'s output: librosa's ceil(n * (target / rate)) with the ratio in float64
+    (one more than the exact ceil(n * target / rate) when the float ratio overshoots a whole
+    number: from 11.025, 22.05 or 44.1 kHz to 24 kHz at some multiples of 147 samples)."""
+    if sample_rate == target_rate:
+        return num_samples
+    return int(math.ceil(num_samples * (float(target_rate) / sample_rate)))
+
+
+def resample(wav: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
+    """The official resampler, bit for bit: `librosa.resample` at its default "soxr_hq", which the
+    official collator (Whisper input, to 16 kHz), audio tokenizer and serve engine (to 24 kHz)
+    use. That is soxr's HQ resampler, whose output (round(n * target / rate) samples) librosa
+    zero-pads, by at most one sample, to `resampled_length`. float32 in, float32 out."""
+    import soxr
+
+    if sample_rate == target_rate:
+        return wav
+    out = soxr.resample(wav, sample_rate, target_rate, quality="HQ")
+    n = resampled_length(len(wav), sample_rate, target_rate)
+    return out[:n] if len(out) >= n else np.pad(out, (0, n - len(out)))
+
+
+def expected_frames(num_samples: int, sample_rate: int) -> int:
+    """Frames the Higgs-Audio v2 audio tokenizer gives for audio of `num_samples` at `sample_rate`:
+    of the n samples at 24 kHz that `resample` gives, ceil(n / 960), except floor(n / 960) when
+    n mod 960 is 1..118 (measured, see demo/make_demo.py)."""
+    n = resampled_length(num_samples, sample_rate, CODES_SAMPLE_RATE)
+    return n // CODES_HOP if 1 <= n % CODES_HOP <= 118 else -(-n // CODES_HOP)
+
+
+def window(part: AudioPart, rate: float, round_stop=round) -> slice:
+    """The part's offset/duration window, in frames at `rate` per second."""
+    start = int(round((part.offset or 0.0) * rate))
+    stop = None if part.duration is None else start + int(round_stop(part.duration * rate))
+    return slice(start, stop)
+
+
+def _audio_source(part: AudioPart, base_dir: str, where: str):
+    """(what soundfile reads, label for messages): the audio file, or the raw_audio bytes."""
+    if part.raw_audio:
+        try:
+            return io.BytesIO(base64.b64decode(part.raw_audio, validate=True)), "raw_audio"
+        except ValueError as e:
+            raise DataError(f"{where}: raw_audio is not base64 ({e}); put the base64 of the audio "
+                            "file's bytes there, or save the audio to a file and use audio_url")
+    path = resolve_audio_path(part, base_dir)
+    start = "" if os.path.isabs(part.audio_url) else f" (relative paths start at {base_dir})"
+    need_file(path, f"{where}: audio file", f"fix the path{start} or add the file")
+    return path, path
+
+
+def audio_info(part: AudioPart, base_dir: str, where: str):
+    """soundfile's header info of the part's audio (rate, channels, frames), without decoding."""
+    source, label = _audio_source(part, base_dir, where)
+    try:
+        info = sf.info(source)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise DataError(f"{where}: cannot read audio {label}: {e}; convert it to WAV or FLAC")
+    if info.frames <= 0:
+        raise DataError(f"{where}: audio {label} is empty (no samples); re-export it or remove "
+                        "the record")
+    return info
+
+
+def load_audio(part: AudioPart, base_dir: str, sample_rate: int, where: str) -> torch.Tensor:
+    """Mono float32 waveform at `sample_rate`: soundfile decode to float32 and the mean over
+    channels (the samples of the official `librosa.load(path, mono=True)`), then `resample`."""
+    source, label = _audio_source(part, base_dir, where)
+    try:
+        data, sr = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{where}: cannot decode audio {label}: {e}; convert it to WAV or FLAC")
+    data = data[window(part, sr)]
+    if len(data) == 0:
+        raise DataError(f"{where}: audio {label} is empty (or its offset/duration window is)")
+    return torch.from_numpy(np.ascontiguousarray(resample(data.mean(axis=1), sr, sample_rate)))
+
+
+def read_codes(part: AudioPart, base_dir: str, num_codebooks: int, codebook_size: int,
+               where: str) -> np.ndarray:
+    """The part's whole `<stem>.codes.npy` sidecar, checked: integers (>= num_codebooks, T), the
+    first num_codebooks rows in [0, codebook_size)."""
+    if part.audio_url is None:
+        raise DataError(f"{where}: audio given as raw_audio has no codes sidecar; save it to a "
+                        "file, reference it with audio_url and run `python data.py prepare`")
+    path = need_file(codes_path(resolve_audio_path(part, base_dir)),
+                     f"{where}: audio codes", f"for {part.audio_url}, create them with `python data.py "
+                     "prepare DATA --tokenizer AUDIO_TOKENIZER` (DATA: this data file or folder)")
+    try:
+        codes = np.load(path)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{where}: cannot read codes {path}: {e}; delete it and rerun "
+                        "`python data.py prepare`")
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise DataError(f"{where}: codes {path} must be an integer array (num_codebooks, T), got "
+                        f"{codes.dtype} {codes.shape}; delete it and rerun `python data.py prepare`")
+    if codes.shape[0] < num_codebooks:
+        raise DataError(f"{where}: codes {path} have {codes.shape[0]} codebooks, the model needs "
+                        f"{num_codebooks}; re-encode with the model's audio tokenizer")
+    used = codes[:num_codebooks]
+    if used.size and (used.min() < 0 or used.max() >= codebook_size):
+        raise DataError(f"{where}: codes {path} hold values in [{used.min()}, {used.max()}], outside "
+                        f"[0, {codebook_size}); re-encode with the model's audio tokenizer")
+    return codes
+
+
+def load_codes(part: AudioPart, base_dir: str, num_codebooks: int, codebook_size: int,
+               where: str) -> torch.Tensor:
+    """(K, T) codes from the `<stem>.codes.npy` sidecar, cut to the part's offset/duration."""
+    codes = read_codes(part, base_dir, num_codebooks, codebook_size, where)
+    codes = codes[:num_codebooks, window(part, CODES_FRAME_RATE, math.ceil)]
+    if codes.shape[1] == 0:
+        raise DataError(f"{where}: codes of {part.audio_url} are empty; the audio (or its "
+                        "offset/duration window) has no frames")
+    return torch.from_numpy(np.ascontiguousarray(codes)).long()
+
+
+def save_codes(path: str, codes: np.ndarray) -> None:
+    """Write a sidecar whole or not at all (an interrupted prepare leaves no truncated file)."""
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, codes.astype(np.int16 if codes.max(initial=0) < 2 ** 15 else np.int32))
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The audio tokenizer (transformers' HiggsAudioV2TokenizerModel)
+
+
+def load_audio_tokenizer(path: str, device):
+    """transformers' HiggsAudioV2TokenizerModel from a `save_pretrained` folder, in eval mode."""
+    path = resolve(path, "--audio_tokenizer")
+    need_file(os.path.join(path, "config.json"), "audio tokenizer config",
+              "--tokenizer / --audio_tokenizer is a folder holding a transformers "
+              "HiggsAudioV2TokenizerModel (config.json + model.safetensors)")
+    from transformers import HiggsAudioV2TokenizerModel
+
+    model = HiggsAudioV2TokenizerModel.from_pretrained(path).eval().to(device)
+    c = model.config
+    if (c.sample_rate, c.hop_length) != (CODES_SAMPLE_RATE, CODES_HOP):
+        raise DataError(f"{path}: a {c.sample_rate} Hz tokenizer with hop {c.hop_length}; Higgs-"
+                        f"Audio v2 codes come from the {CODES_SAMPLE_RATE} Hz, hop {CODES_HOP} one "
+                        "(25 frames/s)")
+    return model
+
+
+@torch.no_grad()
+def decode_codes(audio_tokenizer, codes: torch.Tensor) -> torch.Tensor:
+    """24 kHz mono waveform of (K, T) codes."""
+    if not codes.shape[1]:
+        return torch.zeros(0)
+    wav = audio_tokenizer.decode(codes[None].to(audio_tokenizer.device), return_dict=False)
+    return wav[0, 0].float().cpu()
+
+
+def has_valid_sidecar(audio: str, info, num_codebooks: int, codebook_size: int) -> bool:
+    """Whether `audio` already has the codes this tokenizer would write (a rerun keeps them)."""
+    try:
+        codes = read_codes(AudioPart(audio), "", num_codebooks, codebook_size, audio)
+    except DataError:
+        return False
+    return codes.shape[0] == num_codebooks and \
+        abs(codes.shape[1] - expected_frames(info.frames, info.samplerate)) <= 1
+
+
+def _equal_length_batches(files: list[str], batch_size: int, failed: list):
+    """Decoded 24 kHz clips (path, waveform) in batches of equal length: the tokenizer takes no
+    padding mask (its HuBERT attends over the whole input), so padding would change the codes."""
+    batch = []
+    for path in files:
+        try:
+            wav = load_audio(AudioPart(path), "", CODES_SAMPLE_RATE, path)
+        except DataError as e:
+            failed.append(str(e))
+            continue
+        if batch and (len(wav) != len(batch[0][1]) or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append((path, wav))
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def encode_files(audio_tokenizer, files: list[str], batch_size: int, failed: list) -> int:
+    """Encode each audio file and write its sidecar; clips of equal length share a batch. Files
+    that cannot be encoded are appended to `failed` with the reason. Returns the count encoded."""
+    t0, last, done = time.time(), 0.0, 0
+    for batch in _equal_length_batches(files, batch_size, failed):
+        x = torch.stack([w for _, w in batch])[:, None].to(audio_tokenizer.device)
+        try:
+            codes = audio_tokenizer.encode(x, return_dict=False).cpu().numpy()
+        except RuntimeError as e:  # e.g. out of memory on a very long file
+            failed += [f"{f}: the audio tokenizer failed: {e}" for f, _ in batch]
+            continue
+        for (f, wav), c in zip(batch, codes):
+            want = expected_frames(len(wav), CODES_SAMPLE_RATE)
+            if abs(c.shape[1] - want) > 1:
+                raise DataError(f"encoded {f} to {c.shape[1]} frames, expected {want} at 25 frames/s; "
+                                "is the tokenizer a Higgs-Audio v2 audio tokenizer?")
+            save_codes(codes_path(f), c)
+        done += len(batch)
+        if time.time() - last > 1 or done == len(files):
+            last, rate = time.time(), done / max(time.time() - t0, 1e-9)
+            print(f"\rencoded {done}/{len(files)} files, {rate:.1f} files/s, "
+                  f"{(len(files) - done) / rate:.0f} s left   ", end="", file=sys.stderr, flush=True)
+    if files:
+        print(file=sys.stderr)
+    return done

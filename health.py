@@ -1,0 +1,149 @@
+"""Health checks of generated speech: what a checkpoint actually says, checked for the usual
+fine-tuning failures (silence, a stream that never ends, loops, a wrong duration), and optional
+scorers (word error rate with a speech recogniser, speaker similarity with an x-vector model).
+README "Listening to checkpoints" says what each failure usually means and what to do.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from audio import CODES_FRAME_RATE, CODES_HOP, CODES_SAMPLE_RATE, resample
+from checkpoint import resolve
+
+SPEAKING_RATE_FACTOR = 2.5  # a target this many times faster or slower than the median is odd
+SILENT_RMS = 0.01  # -40 dBFS over a 40 ms frame: below any speech at a normal recording level
+MAX_SILENT_FRACTION = 0.5  # pauses take 10-30% of natural speech; a majority of silence is broken
+MAX_LOOP_SECONDS = 2.0  # whole frames repeating with a period <= 1 s for 2 s never happen in speech
+MAX_LOOP_PERIOD = CODES_FRAME_RATE  # frames
+MAX_WER = 0.5  # more than half the words wrong: another text, or unintelligible
+MIN_SPEAKER_SIMILARITY = 0.75  # x-vector cosine; wavlm-base-plus-sv puts one speaker above ~0.86
+MIN_SCORED_SECONDS = 0.5  # shorter audio is too little for the scorers' models
+
+
+def frame_rms(wav: torch.Tensor) -> torch.Tensor:
+    """RMS of each 40 ms codes frame (960 samples at 24 kHz)."""
+    n = len(wav) // CODES_HOP
+    return wav[:n * CODES_HOP].view(n, CODES_HOP).float().pow(2).mean(1).sqrt()
+
+
+def silence_code(reference: torch.Tensor | None, codes: torch.Tensor | None) -> int | None:
+    """The first-codebook code the audio tokenizer gives silence, measured on the reference: the
+    most common one over its near-silent frames (None: the reference has none, or no waveform)."""
+    if reference is None or codes is None:
+        return None
+    silent = frame_rms(reference)[:codes.shape[1]] < SILENT_RMS
+    return int(codes[0, :len(silent)][silent].mode().values) if silent.any() else None
+
+
+def loop_seconds(codes: torch.Tensor) -> float:
+    """Longest stretch of whole frames repeating with a period of 1..MAX_LOOP_PERIOD frames."""
+    longest = 0
+    for period in range(1, min(MAX_LOOP_PERIOD, codes.shape[1] - 1) + 1):
+        run = 0
+        for same in (codes[:, period:] == codes[:, :-period]).all(0).tolist():
+            run = run + 1 if same else 0
+            longest = max(longest, run + period if run else 0)
+    return longest / CODES_FRAME_RATE
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance over the reference's word count (case and punctuation ignored)."""
+    ref, hyp = (re.findall(r"[\w']+", t.lower()) for t in (reference, hypothesis))
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(len(ref), 1)
+
+
+class AsrScorer:
+    """A transformers speech recognition model (Whisper, wav2vec2 CTC, ...) for the word error
+    rate of the generated speech against the prompt text."""
+
+    def __init__(self, path: str, device):
+        from transformers import pipeline
+
+        self.pipe = pipeline("automatic-speech-recognition", model=resolve(path, "--asr_model"),
+                             device=device)
+        self.rate = self.pipe.feature_extractor.sampling_rate
+
+    def __call__(self, wav: torch.Tensor, text: str) -> tuple[float, str]:
+        heard = self.pipe(resample(wav.float().numpy(), CODES_SAMPLE_RATE, self.rate))["text"] \
+            if len(wav) >= MIN_SCORED_SECONDS * CODES_SAMPLE_RATE else ""
+        return word_error_rate(text, heard), heard
+
+
+class SpeakerScorer:
+    """A transformers x-vector speaker-verification model (WavLMForXVector, ...): cosine
+    similarity of the reference's and the generated speech's speaker embeddings."""
+
+    def __init__(self, path: str, device):
+        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
+
+        path = resolve(path, "--speaker_model")
+        self.features = AutoFeatureExtractor.from_pretrained(path)
+        self.model = AutoModelForAudioXVector.from_pretrained(path).eval().to(device)
+
+    @torch.no_grad()
+    def embed(self, wav: torch.Tensor) -> torch.Tensor:
+        rate = self.features.sampling_rate
+        x = resample(wav.float().numpy(), CODES_SAMPLE_RATE, rate)
+        inputs = self.features(x, sampling_rate=rate, return_tensors="pt").to(self.model.device)
+        return self.model(**inputs).embeddings[0]
+
+    def __call__(self, reference: torch.Tensor, wav: torch.Tensor) -> float | None:
+        if min(len(reference), len(wav)) < MIN_SCORED_SECONDS * CODES_SAMPLE_RATE:
+            return None
+        return float(torch.cosine_similarity(self.embed(reference), self.embed(wav), dim=0))
+
+
+def health(codes: torch.Tensor, ended: bool, text: str, chars_per_second: float | None,
+           reference: torch.Tensor | None = None, reference_codes: torch.Tensor | None = None,
+           wav: torch.Tensor | None = None, asr=None, speaker=None) -> dict:
+    """The health figures of one generation (its codes (K, T), whether every stream ended, the
+    text it speaks at the prompts' speaking rate, the voice reference) and `failed`, the names of
+    the checks it fails. `wav` is the decoded audio, when an audio tokenizer is at hand."""
+    seconds = codes.shape[1] / CODES_FRAME_RATE
+    expected = len(text) / chars_per_second if chars_per_second else None
+    ratio = seconds / expected if expected else None
+    if wav is not None:
+        rms = frame_rms(wav)
+        silent = float((rms < SILENT_RMS).float().mean()) if len(rms) else None
+    else:
+        code = silence_code(reference, reference_codes)
+        silent = float((codes[0] == code).float().mean()) \
+            if code is not None and codes.shape[1] else None
+    r = dict(ended=ended, seconds=seconds, expected_seconds=expected, duration_ratio=ratio,
+             silent_fraction=silent, loop_seconds=loop_seconds(codes))
+    if asr is not None and wav is not None:
+        r["wer"], r["heard"] = asr(wav, text)
+    if speaker is not None and wav is not None and reference is not None:
+        r["speaker_similarity"] = speaker(reference, wav)
+    fails = {
+        "ended": not ended,
+        "duration": ratio is not None and
+        not 1 / SPEAKING_RATE_FACTOR <= ratio <= SPEAKING_RATE_FACTOR,
+        "silence": silent is not None and silent > MAX_SILENT_FRACTION,
+        "loop": r["loop_seconds"] >= MAX_LOOP_SECONDS,
+        "wer": r.get("wer") is not None and r["wer"] > MAX_WER,
+        "speaker": r.get("speaker_similarity") is not None and
+        r["speaker_similarity"] < MIN_SPEAKER_SIMILARITY,
+    }
+    r["failed"] = [name for name, bad in fails.items() if bad]
+    return r
+
+
+def describe(r: dict) -> str:
+    """One log line of health figures."""
+    f = lambda key, fmt: "n/a" if r.get(key) is None else format(r[key], fmt)  # noqa: E731
+    line = (f"{r['seconds']:.2f} s (expected {f('expected_seconds', '.2f')} s), "
+            f"{'ended' if r['ended'] else 'NO EOS before the limit'}, silent "
+            f"{f('silent_fraction', '.0%')}, loops {r['loop_seconds']:.2f} s")
+    if "wer" in r:
+        line += f", WER {r['wer']:.2f}"
+    if "speaker_similarity" in r:
+        line += f", speaker similarity {f('speaker_similarity', '.2f')}"
+    return line + (f"  FAILED: {', '.join(r['failed'])}" if r["failed"] else "  ok")

@@ -1,0 +1,193 @@
+"""A run's output folder, kept safe across kills, resumes and mistakes:
+
+    OUT/config.json              the run's settings (flag names), compared on resume
+    OUT/metrics.jsonl            one JSON object per line: a row per step, eval and sample rows
+    OUT/checkpoints/step_N/      adapter/, trainer.pt (optimizer, scheduler, data position, every
+                                 rank's RNG state), config.json, and COMPLETE, written last
+    OUT/adapter/                 the final adapter
+    OUT/skipped_records.jsonl    the records --skip_invalid dropped
+    OUT/.lock                    held (flock) while a run writes here
+
+One run per folder: a fresh run where another run's files are is an error unless --resume or
+--overwrite, and a second run while one holds the lock is told who holds it. A checkpoint is
+complete only with its COMPLETE marker; it replaces an older one of the same step by renames,
+so a kill at any moment leaves a complete copy that resume finds.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import time
+
+import numpy as np
+import torch
+
+from chatml import DataError
+
+COMPLETE = "COMPLETE"
+CHECKPOINT_NAME = re.compile(r"(\.tmp_|\.old_)?step_(\d{8})")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "adapter", "samples", "loss.png",
+             "skipped_records.jsonl")
+
+
+def io_error(e: Exception, path: str, doing: str) -> DataError:
+    """An OSError (or torch.save's RuntimeError on a full disk) as one line naming the path."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
+    if getattr(e, "errno", None) == errno.ENOSPC or free < 64 * 2 ** 20:
+        return DataError(f"{doing} {path}: no space left on the device ({free / 2 ** 20:.0f} MiB "
+                         "free); free some space or use another --output_dir, then --resume")
+    if getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DataError(f"{doing} {path}: permission denied; choose an --output_dir you can write")
+    return DataError(f"{doing} {path}: {e}")
+
+
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, folder) of every complete checkpoint, oldest first; of two copies of a step (one
+    being replaced when a kill came) the final name wins."""
+    root, found = os.path.join(output_dir, "checkpoints"), {}
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        m = CHECKPOINT_NAME.fullmatch(name)
+        if m and os.path.isfile(os.path.join(root, name, COMPLETE)):
+            step = int(m.group(2))
+            if step not in found or not m.group(1):
+                found[step] = os.path.join(root, name)
+    return sorted(found.items())
+
+
+class RunDir:
+    """The output folder of a run; rank 0 writes, every rank reads checkpoints."""
+
+    def __init__(self, path: str, main: bool = True):
+        self.path, self.main, self.lock_file, self.metrics = path, main, None, None
+
+    # -- claiming the folder ----------------------------------------------------------------------
+    def claim(self, resume: bool, overwrite: bool) -> None:
+        """Lock the folder, and refuse to mix a fresh run into another run's files."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise DataError(f"--output_dir {self.path} is a file; give a folder")
+        if not self.main:
+            return
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self.lock_file = open(os.path.join(self.path, ".lock"), "a+")
+        except OSError as e:
+            raise io_error(e, self.path, "creating --output_dir")
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock_file.seek(0)
+            holder = self.lock_file.read().strip() or "another process"
+            raise DataError(f"--output_dir {self.path} is in use by another run ({holder}); wait for "
+                            "it to end, or choose another --output_dir")
+        self.lock_file.seek(0)
+        self.lock_file.truncate()
+        self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.lock_file.flush()
+        existing = [n for n in RUN_FILES if os.path.exists(os.path.join(self.path, n))]
+        if existing and not resume:
+            if not overwrite:
+                raise DataError(f"--output_dir {self.path} holds another run ({', '.join(existing)}); "
+                                "continue it with --resume, replace it with --overwrite, or choose "
+                                "another --output_dir")
+            for name in existing:
+                target = os.path.join(self.path, name)
+                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+
+    def release(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+        if self.lock_file:
+            self.lock_file.close()  # closing drops the flock
+            self.lock_file = None
+
+    # -- settings ---------------------------------------------------------------------------------
+    def write_config(self, settings: dict, folder: str | None = None) -> None:
+        with open(os.path.join(folder or self.path, "config.json"), "w") as f:
+            json.dump(settings, f, indent=2)
+
+    # -- metrics.jsonl ----------------------------------------------------------------------------
+    def open_metrics(self, resumed_step: int) -> None:
+        """Rank 0 appends to metrics.jsonl, first cut back to the rows up to `resumed_step` (a
+        kill leaves the rows of steps the resumed run repeats, and possibly a half line)."""
+        if not self.main:
+            return
+        path = os.path.join(self.path, "metrics.jsonl")
+        rows = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # the half line a full disk or a kill left
+                    if row.get("step", 0) <= resumed_step:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(rows)
+            os.replace(path + ".tmp", path)
+            self.metrics = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise io_error(e, path, "writing")
+
+    def log(self, row: dict) -> None:
+        if self.metrics:
+            try:
+                self.metrics.write(json.dumps(row) + "\n")
+                self.metrics.flush()
+            except OSError as e:
+                raise io_error(e, self.metrics.name, "writing")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, write) -> str:
+        """Rank 0: `write(folder)` fills a temporary folder, COMPLETE is written last, then the
+        folder is renamed into place (an older copy of the step is renamed away first, then
+        removed). Returns the checkpoint folder."""
+        root = os.path.join(self.path, "checkpoints")
+        final = os.path.join(root, f"step_{step:08d}")
+        tmp, old = (os.path.join(root, f".{kind}_step_{step:08d}") for kind in ("tmp", "old"))
+        try:
+            for stale in (tmp, old):
+                shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(tmp)
+            write(tmp)
+            open(os.path.join(tmp, COMPLETE), "w").close()
+            if os.path.exists(final):
+                os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise io_error(e, tmp, "writing checkpoint")
+        return final
+
+    def keep_last(self, keep: int) -> None:
+        """Remove all but the newest `keep` complete checkpoints, and leftovers of interrupted
+        writes."""
+        root = os.path.join(self.path, "checkpoints")
+        kept = {folder for _, folder in complete_checkpoints(self.path)[-keep:]}
+        for name in os.listdir(root):
+            folder = os.path.join(root, name)
+            if CHECKPOINT_NAME.fullmatch(name) and folder not in kept:
+                shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,153 @@
+"""LoRA: a fresh adapter is the identity, merge equals the side path, sibling adapters share one
+down-projection, only adapters (and chosen modules) train, and adapters load in PEFT and merge
+into both checkpoint layouts."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+from checkpoint import load_model, load_tokenizer
+from collate import Collator
+from data import make_sample
+from formats import load_records
+from lora import LoRALinear, inject_lora, load_adapter, merged_state_dict, save_adapter, set_merged
+from loss import Objective
+
+EVAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "data", "eval.jsonl")
+
+
+def demo_batch(ckpt, n=3):
+    model = load_model(ckpt, dtype=torch.float32)
+    tok = load_tokenizer(ckpt)
+    samples = [make_sample(r, tok, model.cfg) for r in load_records(EVAL)[:n]]
+    return model, Collator(model.cfg)(samples)
+
+
+def outputs(model, batch):
+    """Text and per-codebook audio loss sums: what training sees of the model."""
+    with torch.no_grad():
+        s = Objective(model.cfg).sums(model, model(batch), batch)
+    return torch.cat([s.text_sum.view(1), s.audio_sum])
+
+
+def randomize_adapters(model, std=0.05):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * std) if "lora_B" not in n else p.normal_(std=std)
+
+
+def test_fresh_lora_is_identity_and_merge_matches(tiny_ckpt):
+    model, batch = demo_batch(tiny_ckpt)
+    model.eval()
+    base = outputs(model, batch)
+    wrapped = inject_lora(model, r=4, alpha=8)
+    assert any("audio_mlp" in n for n in wrapped) and any("self_attn.q_proj" in n for n in wrapped)
+    assert torch.equal(outputs(model, batch), base)  # B = 0: exactly the base model
+    randomize_adapters(model)
+    unmerged = outputs(model, batch)
+    assert not torch.allclose(unmerged, base)
+    set_merged(model, True)
+    torch.testing.assert_close(outputs(model, batch), unmerged, rtol=1e-5, atol=1e-4)
+    set_merged(model, False)
+    torch.testing.assert_close(outputs(model, batch), unmerged, rtol=1e-6, atol=1e-5)
+
+
+def test_sibling_loras_share_one_down_projection(tiny_ckpt):
+    """q/k/v (and gate/up) run their A matrices as one GEMM; outputs and every gradient match
+    the module-by-module path, and the model uses the grouped path only without dropout."""
+    torch.manual_seed(0)
+    mods = [LoRALinear(torch.nn.Linear(16, n, bias=False), r=4, alpha=8) for n in (16, 8, 8)]
+    for m in mods:
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    results = []
+    for run in (lambda: lora.grouped_project(x, mods), lambda: [m(x) for m in mods]):
+        outs = run()
+        sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outs)).backward()
+        params = [p for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]
+        results.append([o.detach() for o in outs] + [x.grad.clone()] + [p.grad.clone() for p in params])
+        x.grad = None
+        for p in params:
+            p.grad = None
+    for joint, separate in zip(*results):
+        torch.testing.assert_close(joint, separate, rtol=1e-6, atol=1e-6)
+    set_merged(torch.nn.ModuleList(mods), True)  # merged adapters take the plain path
+    torch.testing.assert_close(lora.grouped_project(x, mods)[1], results[0][1], rtol=1e-5, atol=1e-5)
+
+    calls = []
+    for dropout, groups in ((0.0, 3 * 3), (0.1, 0)):  # 3 layers x (attention, text FFN, audio FFN)
+        model, _ = demo_batch(tiny_ckpt)
+        inject_lora(model, r=4, alpha=8, dropout=dropout)
+        grouped = [m for m in model.modules() if "project" in vars(m)]
+        calls.append(len(grouped))
+    assert calls == [9, 0]
+
+
+def test_only_lora_and_chosen_modules_get_gradients(tiny_ckpt):
+    model, batch = demo_batch(tiny_ckpt)
+    inject_lora(model, r=4, alpha=8, targets="audio_mlp",
+                trainable_modules="audio_decoder_proj.audio_lm_head")
+    randomize_adapters(model)
+    s = Objective(model.cfg).sums(model, model(batch), batch)
+    (s.text_sum + s.audio_sum.sum()).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".audio_mlp." in n and ".lora_" in n or "audio_lm_head" in n
+                             for n in with_grad), with_grad
+    assert "audio_decoder_proj.audio_lm_head.weight" in with_grad
+    assert not any("self_attn" in n or ".mlp." in n for n in with_grad)
+
+
+@pytest.mark.slow
+def test_merge_cli_official_and_transformers(tiny_ckpt, tmp_path):
+    model, batch = demo_batch(tiny_ckpt)
+    inject_lora(model, r=4, alpha=8, trainable_modules="audio_decoder_proj.audio_lm_head")
+    randomize_adapters(model)
+    want = outputs(model, batch)
+    save_adapter(model, str(tmp_path / "adapter"))
+    cfg = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert cfg["peft_type"] == "LORA" and cfg["modules_to_save"] == ["audio_decoder_proj.audio_lm_head"]
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
+    assert "base_model.model.layers.0.audio_mlp.gate_proj.lora_A.weight" in keys
+    for fmt in ("official", "transformers"):
+        out = tmp_path / fmt
+        assert lora.main(["merge", "--model", tiny_ckpt, "--adapter", str(tmp_path / "adapter"),
+                          "--out", str(out), "--format", fmt]) == 0
+        assert os.path.isfile(out / "tokenizer.json")
+        merged = load_model(str(out), dtype=torch.float32)
+        torch.testing.assert_close(outputs(merged, batch), want, rtol=1e-5, atol=1e-4)
+        if fmt == "transformers":  # and transformers itself gives the same audio logits
+            from transformers import HiggsAudioV2ForConditionalGeneration
+
+            from bench import baseline_inputs
+
+            hf = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(out)).eval()
+            inputs = baseline_inputs(batch, model.cfg)
+            for key in ("labels", "audio_labels"):
+                inputs.pop(key)
+            with torch.no_grad():
+                theirs = hf(**inputs).logits.view(-1, model.cfg.audio_num_codebooks,
+                                                  model.cfg.codebook_rows)
+                ours = merged.audio_logits(merged(batch).flatten(0, 1)[batch.audio_out_index])
+            torch.testing.assert_close(theirs[batch.audio_out_index], ours, rtol=1e-4, atol=1e-4)
+    # reloading the adapter onto a fresh base gives the same model
+    fresh = load_model(tiny_ckpt, dtype=torch.float32)
+    load_adapter(fresh, str(tmp_path / "adapter"))
+    torch.testing.assert_close(outputs(fresh, batch), want, rtol=1e-6, atol=1e-5)
+    assert not any(".lora_" in k for k in merged_state_dict(fresh))
+
+
+def test_peft_loads_adapter(tiny_ckpt, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, batch = demo_batch(tiny_ckpt)
+    inject_lora(model, r=4, alpha=8)
+    randomize_adapters(model)
+    want = outputs(model, batch)
+    save_adapter(model, str(tmp_path / "adapter"))
+    base = load_model(tiny_ckpt, dtype=torch.float32)
+    wrapped = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    torch.testing.assert_close(outputs(wrapped.base_model.model, batch), want, rtol=1e-5, atol=1e-4)
