@@ -237,11 +237,7 @@ def bench_generate(args: BenchConfig) -> dict:
     device = torch.device(args.device)
     cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = HiggsAudioModel(cfg)
-    init_weights(model)
-    model.to(dtype).eval()
+    model = random_model(cfg, device, dtype).eval()
     with torch.no_grad():  # stream EOS can never win: every stream runs the full length
         rows = cfg.codebook_rows
         model.audio_decoder_proj.audio_lm_head.weight[cfg.audio_stream_eos_id::rows] = 0
@@ -284,21 +280,66 @@ def bench_generate(args: BenchConfig) -> dict:
     return result
 
 
-def main(argv=None) -> dict:
-    args = parse(BenchConfig, argv, __doc__)
-    if args.generate:
-        args.steps, args.warmup = args.steps or 3, 1 if args.warmup < 0 else args.warmup
-        return bench_generate(args)
-    args.steps, args.warmup = args.steps or 10, 3 if args.warmup < 0 else args.warmup
-    device = torch.device(args.device, local_rank()) if args.device == "cuda" else torch.device("cpu")
-    d = init_distributed(device)  # under torchrun: one process per GPU, DDP as train.py
-    cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def random_model(cfg: HiggsConfig, device, dtype) -> HiggsAudioModel:
+    """The model at a preset's shape with random weights, built in place on the device."""
     torch.manual_seed(0)
     with torch.device(device):
         model = HiggsAudioModel(cfg)
     init_weights(model)
-    model.to(dtype)
+    return model.to(dtype)
+
+
+def profile_step(step, device, trace: str) -> None:
+    """Print the top CUDA kernels of one step, and how busy the GPU was: well below 100% means
+    it waits on the host (launch-bound)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+    # device-side events only: with a trace the CPU ops also carry their kernels' time
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_s = sum(e.self_device_time_total for e in on_gpu) / 1e6
+    print(f"profiled step: {wall * 1e3:.1f} ms wall, {kernel_s * 1e3:.1f} ms in "
+          f"{sum(e.count for e in on_gpu)} kernels, GPU busy {kernel_s / wall:.0%}")
+    if trace:
+        prof.export_chrome_trace(trace)
+
+
+def time_baseline(args: BenchConfig, cfg: HiggsConfig, batch, device, dtype) -> tuple:
+    """(median step seconds, peak GiB) of transformers + PEFT on the identical batch."""
+    base = baseline_model(cfg, args.lora_r, args.lora_alpha, device, dtype)
+    base.train()
+    if args.activation_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW([q for q in base.parameters() if q.requires_grad], lr=1e-5,
+                                  fused=device.type == "cuda")
+    inputs = baseline_inputs(batch, cfg)
+
+    def step():
+        # no autocast: its fp32 audio-embedding sum breaks transformers' masked_scatter (the
+        # same bug as the official code); weights bf16, PEFT adapters fp32
+        base(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, _, peak = time_steps(step, args.warmup, args.steps, device)
+    return seconds, peak
+
+
+def bench_train(args: BenchConfig) -> dict:
+    """Median time of a LoRA training step (forward, backward, AdamW) on a synthetic batch."""
+    device = torch.device(args.device, local_rank()) if args.device == "cuda" else torch.device("cpu")
+    d = init_distributed(device)  # under torchrun: one process per GPU, DDP as train.py
+    cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(cfg, device, dtype)
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
@@ -306,58 +347,33 @@ def main(argv=None) -> dict:
                              cpp_wrapper=args.cpp_wrapper)
     model.train()
     trainable, total = count_parameters(model)
-    params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5,
+                                  fused=device.type == "cuda")
     samples = synthetic_samples(cfg, args.batch_size, args.text_tokens, args.ref_seconds,
                                 args.target_seconds)
-    collator = Collator(cfg)
-    t0 = time.perf_counter()
-    reps = 20
+    collator, t0, reps = Collator(cfg), time.perf_counter(), 20
     for _ in range(reps):
         batch = collator(samples)
     pipeline_samples_per_s = reps * len(samples) / (time.perf_counter() - t0)
-    batch = batch.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    objective = Objective(cfg)
+    batch, objective = batch.to(device), Objective(cfg)
 
     def training_step(module):
         """One optimizer step through `module` (model + loss, as train.data_parallel builds it)."""
         def step():
             if args.compile:
                 torch.compiler.cudagraph_mark_step_begin()
-            with autocast:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 sums = module(batch)
                 loss = objective.loss(sums, sums.detach())
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return step
 
     step = training_step(data_parallel(model, objective, device, 1))
     dt, spread, peak = time_steps(step, args.warmup, args.steps, device)
     if args.profile:
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
-        with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize(device)
-            wall = time.perf_counter() - t0
-        events = prof.key_averages()
-        print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
-        # kernel time / wall time: well below 1 means the GPU waits on the host (launch-bound)
-        # device-side events only: with --trace the CPU ops also carry their kernels' time
-        on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
-        kernel_s = sum(e.self_device_time_total for e in on_gpu) / 1e6
-        kernels = sum(e.count for e in on_gpu)
-        print(f"profiled step: {wall * 1e3:.1f} ms wall, {kernel_s * 1e3:.1f} ms in {kernels} "
-              f"kernels, GPU busy {kernel_s / wall:.0%}")
-        if args.trace:
-            prof.export_chrome_trace(args.trace)
+        profile_step(step, device, args.trace)
     positions = float(batch.attention_mask.sum())
     result = dict(
         preset=args.preset, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -369,48 +385,35 @@ def main(argv=None) -> dict:
         peak_gib=peak, pipeline_samples_per_s=pipeline_samples_per_s,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
         memory_budget=args.memory_budget, cpp_wrapper=args.cpp_wrapper, **environment())
-
     if d.world > 1:  # the same step through DDP: gradient all-reduce over every rank
-        import torch.distributed as dist
-
-        ddp_step = training_step(data_parallel(model, objective, device, d.world))
-        ddp_dt, _, _ = time_steps(ddp_step, args.warmup, args.steps, device)
+        ddp_dt, _, _ = time_steps(training_step(data_parallel(model, objective, device, d.world)),
+                                  args.warmup, args.steps, device)
         result.update(world_size=d.world, per_gpu_positions_per_s=positions / ddp_dt,
                       total_positions_per_s=d.world * positions / ddp_dt,
                       scaling_efficiency=dt / ddp_dt)
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
         if not d.main:
             return result
-
-    if args.baseline:
-        if result["peft"] is None:  # environment() found no peft
-            print("--baseline skipped: pip install peft (a benchmark-only dependency)")
-        else:
-            del model, opt, params
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            base = baseline_model(cfg, args.lora_r, args.lora_alpha, device, dtype)
-            base.train()
-            if args.activation_checkpointing:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base_opt = torch.optim.AdamW([q for q in base.parameters() if q.requires_grad], lr=1e-5,
-                                         fused=device.type == "cuda")
-            inputs = baseline_inputs(batch, cfg)
-
-            def base_step():
-                # no autocast: its fp32 audio-embedding sum breaks transformers' masked_scatter
-                # (the same bug as the official code); weights bf16, PEFT adapters fp32
-                loss = base(**inputs).loss
-                loss.backward()
-                base_opt.step()
-                base_opt.zero_grad(set_to_none=True)
-
-            base_dt, _, base_peak = time_steps(base_step, args.warmup, args.steps, device)
-            result.update(baseline_positions_per_s=positions / base_dt, baseline_peak_gib=base_peak,
-                          speedup=base_dt / dt,
-                          memory_ratio=peak / base_peak if peak and base_peak else None)
+    if args.baseline and result["peft"] is None:  # environment() found no peft
+        print("--baseline skipped: pip install peft (a benchmark-only dependency)")
+    elif args.baseline:
+        del model, optimizer, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        base_dt, base_peak = time_baseline(args, cfg, batch, device, dtype)
+        result.update(baseline_positions_per_s=positions / base_dt, baseline_peak_gib=base_peak,
+                      speedup=base_dt / dt, memory_ratio=peak / base_peak if peak and base_peak else None)
     print(json.dumps(result))
     return result
+
+
+def main(argv=None) -> dict:
+    args = parse(BenchConfig, argv, __doc__)
+    if args.generate:
+        args.steps, args.warmup = args.steps or 3, 1 if args.warmup < 0 else args.warmup
+        return bench_generate(args)
+    args.steps, args.warmup = args.steps or 10, 3 if args.warmup < 0 else args.warmup
+    return bench_train(args)
 
 
 if __name__ == "__main__":

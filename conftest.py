@@ -68,17 +68,17 @@ def kill_after_checkpoint(monkeypatch):
     import train
 
     def kill(run, step: int) -> None:
-        real_save = train.save_training_checkpoint
+        real_save = train.save_training_state
 
-        def save_then_die(run_dir, cfg, d, model, optimizer, scheduler, position):
-            real_save(run_dir, cfg, d, model, optimizer, scheduler, position)
+        def save_then_die(run_dir, d, position, *args):
+            real_save(run_dir, d, position, *args)
             if position["step"] == step:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(train, "save_training_checkpoint", save_then_die)
+        monkeypatch.setattr(train, "save_training_state", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             run()
-        monkeypatch.setattr(train, "save_training_checkpoint", real_save)
+        monkeypatch.setattr(train, "save_training_state", real_save)
     return kill
 
 

@@ -27,8 +27,10 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from chatml import DataError
+from lora import copy_adapter_weights, read_adapter, save_adapter
 
 COMPLETE = "COMPLETE"
 CHECKPOINT_NAME = re.compile(r"(\.tmp_|\.old_)?step_(\d{8})")
@@ -191,3 +193,106 @@ class RunDir:
             folder = os.path.join(root, name)
             if CHECKPOINT_NAME.fullmatch(name) and folder not in kept:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state: what a checkpoint holds, and resuming from one
+
+
+def save_training_state(run: RunDir, d, position: dict, model, optimizer, scheduler,
+                        settings: dict, keep: int) -> None:
+    """Every rank contributes its RNG state; rank 0 writes the checkpoint of `position` (the
+    adapter, trainer.pt and the run's settings) and keeps the newest `keep`."""
+    rngs = [None] * d.world
+    if d.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if d.main:
+        def write(folder):
+            save_adapter(model, os.path.join(folder, "adapter"), base_model=settings["model"])
+            torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            rng=rngs, position=position), os.path.join(folder, "trainer.pt"))
+            run.write_config(settings, folder)
+        run.save_checkpoint(position["step"], write)
+        run.keep_last(keep)
+    if d.world > 1:
+        dist.barrier()
+
+
+def resume_checkpoint(resume: str, output_dir: str) -> str | None:
+    """The checkpoint folder --resume names, or the newest complete one in OUT/checkpoints."""
+    if not resume:
+        return None
+    if resume != "latest":
+        if not os.path.isfile(os.path.join(resume, COMPLETE)):
+            raise DataError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} "
+                            "marker); give a step_N folder, or --resume alone for the newest")
+        return resume
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def compare_settings(path: str, now: dict, kinds: dict, log) -> None:
+    """A setting of kind "fixed" (it changes the model or the data order) must equal the
+    checkpoint's; one of kind "applied" may change, and is named in the log."""
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    changed = [(name, saved.get(name), value) for name, value in now.items()
+               if kinds.get(name) and saved.get(name, value) != value]
+    fixed = [f"--{n} {v} (checkpoint: {old})" for n, old, v in changed if kinds[n] == "fixed"]
+    if fixed:
+        raise DataError(f"--resume {path}: {', '.join(fixed)} would change the model or the data "
+                        "order of the run; resume with the checkpoint's values, or start a new run "
+                        "in another --output_dir")
+    for n, old, v in changed:
+        log(f"resume: --{n} {v} applied (checkpoint: {old})")
+
+
+def restore_training_state(path: str, model, optimizer, scheduler, rank: int) -> dict:
+    """Adapter, optimizer, scheduler and this rank's RNG state of a checkpoint; its position."""
+    blob = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    copy_adapter_weights(model, read_adapter(os.path.join(path, "adapter"))[1], path)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"][rank])
+    return blob["position"]
+
+
+def write_skipped(output_dir: str, path: str, invalid: list) -> None:
+    """OUT/skipped_records.jsonl: the dropped records of `path` (those of other data kept)."""
+    out = os.path.join(output_dir, "skipped_records.jsonl")
+    os.makedirs(output_dir, exist_ok=True)
+    kept = []
+    if os.path.isfile(out):
+        with open(out, encoding="utf-8") as f:
+            kept = [line for line in f if json.loads(line)["data"] != path]
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(kept + [json.dumps({"data": path, "index": x.index, "source": x.source,
+                                         "reason": x.reason}) + "\n" for x in invalid])
+    print(f"{path}: skipped {len(invalid)} invalid records, listed in {out}", flush=True)
+
+
+def plot_metrics(output_dir: str) -> None:
+    """loss.png from metrics.jsonl when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(pip install matplotlib for a loss plot; metrics are in {output_dir}/metrics.jsonl)")
+        return
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "text_loss", "audio_loss"):
+        steps = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=key)
+    evals = [r for r in rows if "eval_audio_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_audio_loss"] for r in evals], "o-",
+                label="eval audio_loss")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.savefig(os.path.join(output_dir, "loss.png"), dpi=100)

@@ -30,10 +30,10 @@ from data import load_dataset
 from device import Dist, autocast, init_distributed, local_rank, resolve_device
 from formats import invalid_summary
 from generate import ListenConfig, Listener
-from lora import (DEFAULT_TARGETS, copy_adapter_weights, count_parameters, inject_lora,
-                  load_adapter, read_adapter, save_adapter)
+from lora import DEFAULT_TARGETS, count_parameters, inject_lora, load_adapter, save_adapter
 from loss import LossSums, Objective, parse_codebook_weights
-from run_dir import RunDir, complete_checkpoints, rng_state, set_rng_state
+from run_dir import (RunDir, compare_settings, plot_metrics, restore_training_state,
+                     resume_checkpoint, save_training_state, write_skipped)
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "data")
 GROUP_WINDOW = 64  # steps per window of length-sorted samples (--group_by_length)
@@ -199,20 +199,6 @@ def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig, training: bo
     return samples
 
 
-def write_skipped(output_dir: str, path: str, invalid: list) -> None:
-    """OUT/skipped_records.jsonl: the dropped records of `path` (those of other data kept)."""
-    out = os.path.join(output_dir, "skipped_records.jsonl")
-    os.makedirs(output_dir, exist_ok=True)
-    kept = []
-    if os.path.isfile(out):
-        with open(out, encoding="utf-8") as f:
-            kept = [line for line in f if json.loads(line)["data"] != path]
-    with open(out, "w", encoding="utf-8") as f:
-        f.writelines(kept + [json.dumps({"data": path, "index": x.index, "source": x.source,
-                                         "reason": x.reason}) + "\n" for x in invalid])
-    print(f"{path}: skipped {len(invalid)} invalid records, listed in {out}", flush=True)
-
-
 def step_indices(n: int, global_batch: int, seed: int, epoch: int,
                  lengths: list[int] | None = None) -> list[list[int]]:
     """The sample indices of each global step of an epoch (the incomplete tail is dropped).
@@ -308,10 +294,24 @@ def lr_factor(step: int, c: OptimConfig) -> float:
     return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def settings(cfg: TrainConfig, d: Dist) -> dict:
+    """config.json: every flag, and the world size (part of the batch layout)."""
+    return dict(flat(cfg), world_size=d.world)
+
+
 def make_optimizer(params: list, cfg: TrainConfig, device):
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   fused=device.type == "cuda")
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, c=cfg.optim))
+
+
+def apply_optim_settings(optimizer, scheduler, c: OptimConfig) -> None:
+    """After a resume: this run's learning rate and weight decay, not the checkpoint's (the
+    schedule's other settings are read by lr_factor anyway)."""
+    scheduler.base_lrs = [c.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group.update(weight_decay=c.weight_decay, initial_lr=c.lr,
+                     lr=c.lr * lr_factor(scheduler.last_epoch, c))
 
 
 def forward_backward(module, objective: Objective, cpu_batches: list, d: Dist, device,
@@ -375,81 +375,6 @@ def evaluate(model, samples: list, collator: Collator, batch_size: int, device, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and resume
-
-
-def save_training_checkpoint(run: RunDir, cfg: TrainConfig, d: Dist, model, optimizer, scheduler,
-                             position: dict) -> None:
-    """Every rank contributes its RNG state; rank 0 writes the checkpoint (run_dir.py)."""
-    rngs = [None] * d.world
-    if d.world > 1:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    if d.main:
-        def write(folder):
-            save_adapter(model, os.path.join(folder, "adapter"), base_model=cfg.model)
-            torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            rng=rngs, position=position), os.path.join(folder, "trainer.pt"))
-            run.write_config(settings(cfg, d), folder)
-        run.save_checkpoint(position["step"], write)
-        run.keep_last(cfg.run.keep_checkpoints)
-    if d.world > 1:
-        dist.barrier()
-
-
-def settings(cfg: TrainConfig, d: Dist) -> dict:
-    """config.json: every flag, and the world size (part of the batch layout)."""
-    return dict(flat(cfg), world_size=d.world)
-
-
-def resume_checkpoint(cfg: TrainConfig) -> str | None:
-    """The checkpoint folder --resume names, or the newest complete one in OUT/checkpoints."""
-    if not cfg.run.resume:
-        return None
-    if cfg.run.resume != "latest":
-        if not os.path.isfile(os.path.join(cfg.run.resume, "trainer.pt")):
-            raise DataError(f"--resume {cfg.run.resume}: not a complete checkpoint folder (no "
-                            "trainer.pt); give a step_N folder or --resume alone")
-        return cfg.run.resume
-    found = complete_checkpoints(cfg.run.output_dir)
-    return found[-1][1] if found else None
-
-
-def compare_settings(path: str, now: dict, log) -> None:
-    """A setting that changes the model or the data order (on_resume="fixed") must equal the
-    checkpoint's; schedule, loss and logging settings ("applied") may change and are named."""
-    with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f)
-    kinds = {f.name: f.metadata.get("on_resume") for _, f, _ in leaves(TrainConfig)}
-    kinds["world_size"] = "fixed"
-    changed = [(name, saved.get(name), value) for name, value in now.items()
-               if kinds.get(name) and saved.get(name, value) != value]
-    fixed = [f"--{n} {v} (checkpoint: {old})" for n, old, v in changed if kinds[n] == "fixed"]
-    if fixed:
-        raise DataError(f"--resume {path}: {', '.join(fixed)} would change the model or the data "
-                        "order of the run; resume with the checkpoint's values, or start a new run "
-                        "in another --output_dir")
-    for n, old, v in changed:
-        log(f"resume: --{n} {v} applied (checkpoint: {old})")
-
-
-def restore(path: str, model, optimizer, scheduler, cfg: TrainConfig, d: Dist) -> dict:
-    """Adapter, optimizer, scheduler and this rank's RNG state of a checkpoint; its position.
-    Changed optimizer settings are applied to the restored state."""
-    blob = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-    copy_adapter_weights(model, read_adapter(os.path.join(path, "adapter"))[1], path)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group.update(weight_decay=cfg.optim.weight_decay, initial_lr=cfg.optim.lr,
-                     lr=cfg.optim.lr * lr_factor(scheduler.last_epoch, cfg.optim))
-    set_rng_state(blob["rng"][d.rank])
-    return blob["position"]
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -486,8 +411,9 @@ class Trainer:
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg, device)
         self.position = dict(step=0, epoch=0, step_in_epoch=0)
         if self.resume_from:
-            self.position = restore(self.resume_from, self.model, self.optimizer, self.scheduler,
-                                    cfg, d)
+            self.position = restore_training_state(self.resume_from, self.model, self.optimizer,
+                                                   self.scheduler, d.rank)
+            apply_optim_settings(self.optimizer, self.scheduler, cfg.optim)
             self.log(f"resumed from {self.resume_from} at step {self.position['step']}")
         if d.main:
             run.write_config(settings(cfg, d))
@@ -502,9 +428,11 @@ class Trainer:
                                    parse_codebook_weights(c.codebook_weights,
                                                           model_cfg.audio_num_codebooks),
                                    c.voice_consistency_weight)
-        self.resume_from = resume_checkpoint(cfg)
+        self.resume_from = resume_checkpoint(cfg.run.resume, cfg.run.output_dir)
         if self.resume_from:
-            compare_settings(self.resume_from, settings(cfg, d), self.log)
+            kinds = {f.name: f.metadata.get("on_resume") for _, f, _ in leaves(TrainConfig)}
+            compare_settings(self.resume_from, settings(cfg, d), dict(kinds, world_size="fixed"),
+                             self.log)
         elif cfg.run.resume:
             self.log("--resume: no complete checkpoint found, starting fresh")
         self.train_samples = load_samples(cfg.data.train_data, tokenizer, model_cfg, cfg)
@@ -584,8 +512,8 @@ class Trainer:
             if self.d.world > 1:  # the other ranks wait for rank 0's samples
                 dist.barrier()
         if step % cfg.run.save_every == 0 or last:
-            save_training_checkpoint(self.run, cfg, self.d, self.model, self.optimizer,
-                                     self.scheduler, position)
+            save_training_state(self.run, self.d, position, self.model, self.optimizer,
+                                self.scheduler, settings(cfg, self.d), cfg.run.keep_checkpoints)
 
     def evaluate(self, step: int, what: str = "eval") -> dict:
         ev = evaluate(self.model, self.eval_samples, self.collator, self.cfg.optim.batch_size,
@@ -615,31 +543,6 @@ def progress_line(m: dict, max_steps: int, eta: float) -> str:
             f"{m['audio_loss']:.4f} [{per_cb}] lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
             f"{m['positions_per_s']:.0f} pos/s {m['audio_seconds_per_s']:.1f} audio-s/s{extra} "
             f"eta {eta:.0f}s")
-
-
-def plot_metrics(output_dir: str) -> None:
-    """loss.png from metrics.jsonl when matplotlib is installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"(pip install matplotlib for a loss plot; metrics are in {output_dir}/metrics.jsonl)")
-        return
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "text_loss", "audio_loss"):
-        steps = [r for r in rows if key in r]
-        ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=key)
-    evals = [r for r in rows if "eval_audio_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_audio_loss"] for r in evals], "o-",
-                label="eval audio_loss")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.savefig(os.path.join(output_dir, "loss.png"), dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------
