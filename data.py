@@ -9,7 +9,6 @@ and the fix; nothing is invented or silently dropped.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ from audio import (CODES_SAMPLE_RATE, WHISPER_SAMPLE_RATE, audio_info, codes_pat
 from chatml import (AudioPart, AudioSegment, DataError, Record, Sample, TextPart, field_name,
                     record_to_json, resolve_audio_path, tokenize_record)
 from checkpoint import model_spec
+from cli import option, parse
 from collate import expanded_length
 from formats import FORMATS, Invalid, read_records
 from health import SPEAKING_RATE_FACTOR
@@ -326,32 +326,56 @@ def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "aut
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class CheckConfig:
+    """Validate a data file or folder and print a report; exit 1 if any record is invalid"""
+    data: str = option("", "data file (JSON, JSONL, metadata.csv) or folder of clips")
+    model: str = option("", "checkpoint folder, Hub id, or tiny: also tokenize, and check lengths "
+                        "and codes against this model; none: the released shape")
+    max_seq_len: int = option(4096, "with --model: longest sample in positions after audio "
+                              "expansion (as train.py's)", min=16)
+    allow_text_only: bool = option(False, "accept records whose trained turns hold only text "
+                                   "(evaluation data)")
+    format: str = option("auto", "input format; auto: detected per file", choices=("auto",) + FORMATS)
+
+
+@dataclass
+class PrepareConfig:
+    """Write the .codes.npy sidecar of every audio file the records use"""
+    data: str = option("", "data file (JSON, JSONL, metadata.csv) or folder of clips")
+    tokenizer: str = option("", "the audio tokenizer: a HiggsAudioV2TokenizerModel folder or Hub "
+                            "id (bosonai/higgs-audio-v2-tokenizer in transformers layout)")
+    device: str = option("auto", "auto: cuda when a GPU is present", choices=("auto", "cpu", "cuda"))
+    batch_size: int = option(16, "clips of equal length encoded together", min=1)
+    write_chatml: bool = option(False, "also write the records as ChatML JSONL next to the input "
+                                "(NAME.chatml.jsonl)")
+    format: str = option("auto", "input format; auto: detected per file", choices=("auto",) + FORMATS)
+
+
+COMMANDS = {"check": CheckConfig, "prepare": PrepareConfig}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="data.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="validate a data file or folder and print a report")
-    c.add_argument("data", help="data file (JSON, JSONL, metadata.csv) or folder")
-    c.add_argument("--model", help="checkpoint folder, or tiny: also tokenize and check lengths")
-    c.add_argument("--max_seq_len", type=int, default=4096, help="as train.py's (with --model)")
-    c.add_argument("--allow_text_only", action="store_true",
-                   help="accept records whose trained turns hold only text (evaluation data)")
-    r = sub.add_parser("prepare", help="write the .codes.npy sidecars with the audio tokenizer")
-    r.add_argument("data", help="data file (JSON, JSONL, metadata.csv) or folder")
-    r.add_argument("--tokenizer", required=True, help="HiggsAudioV2TokenizerModel folder")
-    r.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
-    r.add_argument("--batch_size", type=int, default=16, help="clips of equal length per batch")
-    r.add_argument("--write_chatml", action="store_true",
-                   help="also write the records as ChatML JSONL next to the input (NAME.chatml.jsonl)")
-    for s in (c, r):
-        s.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
-                       help="input format (default: detected per file)")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python data.py check DATA [--model CKPT] | python data.py prepare DATA "
+              "--tokenizer AUDIO_TOKENIZER  (--help after the command lists its options)",
+              file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if rest and not rest[0].startswith("-"):  # the data path comes first
+        rest = ["--data", rest[0]] + rest[1:]
+    cfg = parse(COMMANDS[command], rest, COMMANDS[command].__doc__)
     try:
-        if args.command == "check":
-            return check(args.data, args.model, args.format, args.max_seq_len, args.allow_text_only)
-        return prepare(args.data, args.tokenizer, args.format, args.device, args.batch_size,
-                       args.write_chatml)
+        if not cfg.data:
+            raise DataError(f"python data.py {command} DATA: name a data file or folder")
+        if command == "check":
+            return check(cfg.data, cfg.model, cfg.format, cfg.max_seq_len, cfg.allow_text_only)
+        if not cfg.tokenizer:
+            raise DataError("python data.py prepare needs --tokenizer AUDIO_TOKENIZER (a "
+                            "HiggsAudioV2TokenizerModel folder or Hub id)")
+        return prepare(cfg.data, cfg.tokenizer, cfg.format, cfg.device, cfg.batch_size,
+                       cfg.write_chatml)
     except (DataError, OSError, ValueError) as e:  # bad input: a message, never a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -135,7 +135,7 @@ def load_prompts(path: str, count: int, tokenizer, cfg) -> list[Prompt]:
 
 
 def cloning_prompt(ref_audio: str, ref_text: str, text: str, tokenizer, cfg) -> Prompt:
-    """The official zero-shot cloning prompt (SPEC section 3) for a reference clip."""
+    """The official zero-shot cloning prompt (OFFICIAL.md section 3) for a reference clip."""
     messages = cloning_record(ref_text, os.path.abspath(ref_audio), text, "")["messages"][:4]
     return prompt_of(record_from_json({"messages": messages}, "command line", os.getcwd()),
                      tokenizer, cfg)

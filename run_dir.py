@@ -6,6 +6,7 @@
                                  rank's RNG state), config.json, and COMPLETE, written last
     OUT/adapter/                 the final adapter
     OUT/skipped_records.jsonl    the records --skip_invalid dropped
+    OUT/tensorboard/             with --log_to tensorboard (wandb: OUT/wandb, OUT/wandb_id)
     OUT/.lock                    held (flock) while a run writes here
 
 One run per folder: a fresh run where another run's files are is an error unless --resume or
@@ -35,7 +36,7 @@ from lora import copy_adapter_weights, read_adapter, save_adapter
 COMPLETE = "COMPLETE"
 CHECKPOINT_NAME = re.compile(r"(\.tmp_|\.old_)?step_(\d{8})")
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "adapter", "samples", "loss.png",
-             "skipped_records.jsonl")
+             "skipped_records.jsonl", "tensorboard", "wandb", "wandb_id")
 
 
 def io_error(e: Exception, path: str, doing: str) -> DataError:
@@ -75,11 +76,73 @@ def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found.items())
 
 
+LOGGERS = ("tensorboard", "wandb")
+
+
+def scalars(row: dict):
+    """(name, number) of every number in a metrics row; a list becomes name/0, name/1, ..."""
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            yield key, value
+        elif isinstance(value, list):
+            yield from ((f"{key}/{i}", v) for i, v in enumerate(value) if isinstance(v, (int, float)))
+
+
+def check_loggers(names: list[str]) -> None:
+    """--log_to: known names whose package is installed (before any work starts)."""
+    import importlib.util
+
+    for name in names:
+        if name not in LOGGERS:
+            raise DataError(f"--log_to {name}: unknown; use tensorboard, wandb or both "
+                            "(comma-separated); metrics.jsonl is always written")
+        if importlib.util.find_spec(name) is None:
+            raise DataError(f"--log_to {name}: the {name} package is not installed; `pip install "
+                            f"{name}`, or drop --log_to (metrics.jsonl is always written)")
+
+
+class TensorBoardLog:
+    """OUT/tensorboard; a resumed run drops the events after its checkpoint's step."""
+
+    def __init__(self, path: str, resumed_step: int, settings: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(path, "tensorboard"), purge_step=resumed_step + 1)
+
+    def log(self, row: dict) -> None:
+        for key, value in scalars(row):
+            self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLog:
+    """A wandb run named after the output folder, continued by a resumed run (OUT/wandb_id)."""
+
+    def __init__(self, path: str, resumed_step: int, settings: dict):
+        import wandb
+
+        id_file = os.path.join(path, "wandb_id")
+        run_id = open(id_file).read().strip() if resumed_step and os.path.isfile(id_file) else None
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "higgs-lora"),
+                              name=os.path.basename(os.path.abspath(path)), dir=path,
+                              config=settings, id=run_id, resume="allow")
+        with open(id_file, "w") as f:
+            f.write(self.run.id)
+
+    def log(self, row: dict) -> None:
+        self.run.log(dict(scalars(row)), step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class RunDir:
     """The output folder of a run; rank 0 writes, every rank reads checkpoints."""
 
     def __init__(self, path: str, main: bool = True):
-        self.path, self.main, self.lock_file, self.metrics = path, main, None, None
+        self.path, self.main, self.lock_file, self.metrics, self.loggers = path, main, None, None, []
 
     # -- claiming the folder ----------------------------------------------------------------------
     def claim(self, resume: bool, overwrite: bool) -> None:
@@ -119,6 +182,9 @@ class RunDir:
         if self.metrics:
             self.metrics.close()
             self.metrics = None
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
         if self.lock_file:
             self.lock_file.close()  # closing drops the flock
             self.lock_file = None
@@ -129,11 +195,14 @@ class RunDir:
             json.dump(settings, f, indent=2)
 
     # -- metrics.jsonl ----------------------------------------------------------------------------
-    def open_metrics(self, resumed_step: int) -> None:
+    def open_metrics(self, resumed_step: int, log_to: list[str] = (), settings: dict = None) -> None:
         """Rank 0 appends to metrics.jsonl, first cut back to the rows up to `resumed_step` (a
-        kill leaves the rows of steps the resumed run repeats, and possibly a half line)."""
+        kill leaves the rows of steps the resumed run repeats, and possibly a half line), and
+        sends the same numbers to the `log_to` loggers."""
         if not self.main:
             return
+        kinds = {"tensorboard": TensorBoardLog, "wandb": WandbLog}
+        self.loggers = [kinds[name](self.path, resumed_step, settings or {}) for name in log_to]
         path = os.path.join(self.path, "metrics.jsonl")
         rows = []
         if os.path.isfile(path):
@@ -160,6 +229,8 @@ class RunDir:
                 self.metrics.flush()
             except OSError as e:
                 raise io_error(e, self.metrics.name, "writing")
+        for logger in self.loggers:
+            logger.log(row)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, write) -> str:

@@ -3,6 +3,9 @@ weights (Llama for the text path, HiggsAudioV2ForConditionalGeneration for the a
 checkpoint layout), sharded and bf16 loading, and clear errors for checkpoints that do not fit."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,3 +156,102 @@ def test_sharded_checkpoint_and_bf16_load(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     half = load_model(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub ids, offline, against a cache laid out as huggingface_hub writes it
+
+
+def hub_cache(root, repo: str, folder: str) -> str:
+    """HF_HUB_CACHE/models--org--name/{refs/main, snapshots/<commit>/...} holding `folder`."""
+    entry = root / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(folder, entry / "snapshots" / "0123abcd")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0123abcd")
+    return str(root)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_models_and_adapters_load_by_hub_id_from_the_cache(tiny_ckpt, offline_hub, tmp_path):
+    import checkpoint
+    from lora import inject_lora, load_adapter, save_adapter
+
+    hub_cache(offline_hub, "org/tiny-higgs", tiny_ckpt)
+    model = build_model(HiggsConfig.tiny())
+    inject_lora(model, r=2, alpha=4)
+    save_adapter(model, str(tmp_path / "adapter"))
+    hub_cache(offline_hub, "org/tiny-adapter", str(tmp_path / "adapter"))
+    tokenizer, cfg = checkpoint.model_spec("org/tiny-higgs")
+    loaded = checkpoint.load("org/tiny-higgs", dtype=torch.float32)
+    assert cfg == loaded.cfg and tokenizer.convert_tokens_to_ids("<|AUDIO_OUT|>") == cfg.audio_out_token_id
+    load_adapter(loaded, "org/tiny-adapter")
+    assert any("lora_A" in n for n, _ in loaded.named_parameters())
+    for name, words in (("org/unknown", "not in the Hugging Face cache while offline"),
+                        ("no/such/path", "no such folder")):
+        with pytest.raises(DataError, match=words) as e:
+            checkpoint.model_spec(name)
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_hub_ids_honour_the_hub_environment_in_a_fresh_process(tiny_ckpt, tmp_path):
+    """HF_HUB_OFFLINE and HF_HUB_CACHE as a user sets them: train.py --model org/name trains."""
+    cache = hub_cache(tmp_path / "hub", "org/tiny-higgs", tiny_ckpt)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=cache)
+    root = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, "train.py", "--model", "org/tiny-higgs", "--max_steps", "1",
+                        "--device", "cpu", "--output_dir", str(tmp_path / "run")], cwd=root,
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "train.py", "--model", "org/missing", "--device", "cpu",
+                        "--output_dir", str(tmp_path / "run2")], cwd=root, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: --model org/missing: ") \
+        and "Traceback" not in p.stderr, p.stderr
+
+
+def test_transformers_checkpoint_takes_missing_token_ids_from_its_tokenizer(tmp_path):
+    """A transformers-layout checkpoint whose tokenizer is not the released one: its config has
+    no <|AUDIO|> or <|audio_eos|> id, and they are read from the tokenizer, not the defaults."""
+    import checkpoint
+
+    demo_tokenizer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "tokenizer")
+    save_checkpoint(build_model(HiggsConfig.tiny()), str(tmp_path), fmt="transformers")
+    for name in os.listdir(demo_tokenizer):
+        shutil.copy(os.path.join(demo_tokenizer, name), tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    assert "audio_in_token_id" not in config and config["audio_token_id"] == 528
+    tokenizer, cfg = checkpoint.model_spec(str(tmp_path))
+    assert (cfg.audio_in_token_id, cfg.audio_eos_token_id, cfg.audio_out_token_id) == (527, 524, 528)
+    assert cfg == HiggsConfig.tiny()  # every id as the model was built with
+
+
+# ----------------------------------------------------------------------------------------------
+# --help is the reference for every flag
+
+
+def test_every_flag_of_every_command_has_help_with_its_default():
+    import argparse
+
+    import bench
+    import data
+    import generate
+    import lora
+    import train
+    from cli import add_options
+
+    for cls in (train.TrainConfig, generate.GenerateConfig, bench.BenchConfig, data.CheckConfig,
+                data.PrepareConfig, lora.MergeConfig):
+        parser = argparse.ArgumentParser()
+        add_options(parser, cls)
+        for action in parser._actions[1:]:
+            assert action.help and len(action.help) > 20 and "(default: " in action.help, \
+                (cls.__name__, action.dest)

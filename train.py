@@ -32,8 +32,8 @@ from formats import invalid_summary
 from generate import ListenConfig, Listener
 from lora import DEFAULT_TARGETS, count_parameters, inject_lora, load_adapter, save_adapter
 from loss import LossSums, Objective, parse_codebook_weights
-from run_dir import (RunDir, compare_settings, plot_metrics, restore_training_state,
-                     resume_checkpoint, save_training_state, write_skipped)
+from run_dir import (RunDir, check_loggers, compare_settings, plot_metrics,
+                     restore_training_state, resume_checkpoint, save_training_state, write_skipped)
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "data")
 GROUP_WINDOW = 64  # steps per window of length-sorted samples (--group_by_length)
@@ -135,6 +135,11 @@ class RunConfig:
     keep_checkpoints: int = option(3, "newest checkpoints kept", min=1)
     eval_every: int = option(0, "evaluate every N steps; 0: only at the end", min=0)
     log_every: int = option(5, "progress line every N steps (metrics.jsonl gets every step)", min=1)
+    log_to: str = option("", "also send metrics.jsonl's numbers to tensorboard (OUT/tensorboard), "
+                         "wandb, or both (comma-separated); each needs its package")
+
+    def loggers(self) -> list[str]:
+        return [n.strip() for n in self.log_to.split(",") if n.strip()]
 
 
 @dataclass
@@ -176,6 +181,7 @@ class TrainConfig:
                             "continue a run with --resume)")
         if self.eval_only and not self.eval_path():
             raise DataError("--eval_only needs --eval_data FILE")
+        check_loggers(self.run.loggers())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,7 +423,7 @@ class Trainer:
             self.log(f"resumed from {self.resume_from} at step {self.position['step']}")
         if d.main:
             run.write_config(settings(cfg, d))
-        run.open_metrics(self.position["step"])
+        run.open_metrics(self.position["step"], cfg.run.loggers(), settings(cfg, d))
 
     def load_data(self) -> None:
         """Settings, data and prompts, all checked before any weights are read."""
@@ -491,7 +497,7 @@ class Trainer:
                      f"{metrics['loss']}, grad norm {float(grad_norm)}); step skipped "
                      f"({self.bad_steps}/{cfg.optim.max_bad_steps}). Lower --lr or check the data.")
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # the one this step used
         self.scheduler.step()
         if self.bad_steps >= cfg.optim.max_bad_steps:
             raise SystemExit(f"stopping: {self.bad_steps} consecutive non-finite steps")

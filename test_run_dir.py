@@ -1,0 +1,273 @@
+"""The output folder protects a long run: one run per folder (lock, no silent mixing), checkpoints
+that a kill at any moment leaves resumable, resume that refuses setting changes that would alter
+the model or the data order and applies the others, flags checked before any work, clear errors
+for a full disk and odd paths, one metrics row per step, and files readable as the umask says."""
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate
+import lora
+import run_dir
+import train
+from chatml import DataError, need_file
+from run_dir import RunDir, complete_checkpoints
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EVAL = os.path.join(ROOT, "demo", "data", "eval.jsonl")
+
+
+def rows(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def steps(folder):
+    return [(r["step"], r["loss"]) for r in rows(folder) if "loss" in r]
+
+
+def same_adapter(a, b):
+    a, b = (load_file(os.path.join(x, "adapter", "adapter_model.safetensors")) for x in (a, b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fresh_run_never_mixes_with_another_runs_files(tmp_path, run_train):
+    out = tmp_path / "run"
+    run_train(out, "--max_steps", "4", "--save_every", "2")
+    with pytest.raises(DataError, match="holds another run .*--resume.*--overwrite"):
+        run_train(out, "--max_steps", "4", "--save_every", "2", "--seed", "1")
+    assert [s for s, _ in complete_checkpoints(str(out))] == [2, 4]  # untouched
+    run_train(out, "--max_steps", "2", "--save_every", "1", "--seed", "1", "--overwrite")
+    assert [s for s, _ in complete_checkpoints(str(out))] == [1, 2]  # only the new run's
+    assert [s for s, _ in steps(out)] == [1, 2]
+    assert json.load(open(out / "config.json"))["seed"] == 1
+
+
+def test_a_second_run_in_a_folder_in_use_is_told_who_holds_it(tmp_path, run_train):
+    holder = RunDir(str(tmp_path / "run"))
+    holder.claim(resume=False, overwrite=False)
+    try:
+        with pytest.raises(DataError, match=rf"in use by another run \(pid {os.getpid()} on "):
+            run_train(tmp_path / "run")
+    finally:
+        holder.release()
+    run_train(tmp_path / "run", "--max_steps", "1")  # free again once the holder is gone
+
+
+@pytest.mark.slow
+def test_kill_while_writing_or_replacing_a_checkpoint_resumes_exactly(tmp_path, run_train,
+                                                                     monkeypatch):
+    full = tmp_path / "full"
+    run_train(full)
+    # killed while step 6 is written: the half-written copy is never picked
+    part = tmp_path / "part"
+    real_save = torch.save
+
+    def die_at_step_6(obj, path, *a, **k):
+        if "step_00000006" in str(path):
+            raise KeyboardInterrupt
+        real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", die_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(part)
+    monkeypatch.undo()
+    assert [s for s, _ in complete_checkpoints(str(part))] == [3]
+    run_train(part, "--resume")
+    assert steps(part) == steps(full) and same_adapter(part, full)
+    # killed while an older copy of step 6 is replaced (a rerun from step 3): a complete copy
+    # survives under another name, and resume finds it
+    real_rename = os.rename
+
+    def die_on_the_second_rename(src, dst):
+        real_rename(src, dst)
+        if os.path.basename(src) == ".tmp_step_00000006" or ".old_" not in os.path.basename(dst):
+            return
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", die_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(part, "--resume", str(part / "checkpoints" / "step_00000003"))
+    monkeypatch.undo()
+    assert not os.path.exists(part / "checkpoints" / "step_00000006")
+    assert [s for s, _ in complete_checkpoints(str(part))] == [3, 6]
+    run_train(part, "--resume")  # resumes at 6, the end: only the final adapter is written
+    assert steps(part) == steps(full) and same_adapter(part, full)
+
+
+def test_resume_refuses_model_and_data_changes_and_applies_schedule_changes(tmp_path, run_train,
+                                                                           capsys):
+    out = tmp_path / "run"
+    run_train(out, "--max_steps", "4", "--save_every", "2")
+    for flag, value in (("--lora_r", "8"), ("--seed", "1"), ("--batch_size", "1")):
+        with pytest.raises(DataError, match=rf"{flag} {value} \(checkpoint: .*\) would change the "):
+            run_train(out, "--resume", "--max_steps", "6", flag, value)
+    capsys.readouterr()
+    run_train(out, "--resume", "--max_steps", "6", "--lr", "1e-3")
+    log = capsys.readouterr().out
+    assert "resume: --lr 0.001 applied (checkpoint: 0.005)" in log
+    assert "resume: --max_steps 6 applied (checkpoint: 4)" in log
+    c = train.parse(train.TrainConfig, ["--max_steps", "6", "--lr", "1e-3", "--warmup_steps", "2"]).optim
+    lrs = {r["step"]: r["lr"] for r in rows(out) if "lr" in r}
+    assert lrs[5] == pytest.approx(1e-3 * train.lr_factor(4, c)) and lrs[6] == pytest.approx(
+        1e-3 * train.lr_factor(5, c))
+
+
+BAD_FLAGS = [  # (argv, words of the one-line error)
+    (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    (["--grad_accum", "0"], "--grad_accum 0: must be >= 1"),
+    (["--lora_r", "0"], "--lora_r 0: must be >= 1"),
+    (["--save_every", "0"], "--save_every 0: must be >= 1"),
+    (["--log_every", "0"], "--log_every 0: must be >= 1"),
+    (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
+    (["--max_grad_norm", "0"], "--max_grad_norm 0.0: must be > 0"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm -1.0: must be > 0"),
+    (["--keep_checkpoints", "-1"], "--keep_checkpoints -1: must be >= 1"),
+    (["--max_steps", "-5"], "--max_steps -5: must be >= 1"),
+    (["--lora_alpha", "0"], "--lora_alpha 0.0: must be > 0"),
+    (["--lora_dropout", "-0.5"], "--lora_dropout -0.5: must be >= 0"),
+    (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    (["--codebook_weights", "a,b"], "--codebook_weights a,b: must be 8 comma-separated numbers"),
+    (["--eval_every", "5", "--eval_data", "", "--train_data", EVAL], "--eval_every 5 needs --eval_data"),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_stop_before_any_work_with_one_line(argv, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        code = train.main(argv + ["--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+                          if "--device" not in argv else argv + ["--output_dir", str(tmp_path / "out")])
+        raise SystemExit(code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and words in err, err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "out" / "adapter")
+
+
+def test_other_commands_check_their_flags(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    checks = [
+        (lambda: train.main(["--output_dir", str(tmp_path / "file")]), "is a file"),
+        (lambda: generate.main(["--model", "tiny", "--ref_audio", "r.wav", "--ref_text", "Hi.",
+                                "--text", " ", "--out", "o.wav"]), "--text: an empty text"),
+        (lambda: generate.main(["--model", "tiny", "--temperature", "-1"]),
+         "--temperature -1.0: must be >= 0"),
+        (lambda: lora.main(["merge", "--model", "tiny", "--adapter", "a", "--out", "o",
+                            "--format", "gguf"]), "--format: invalid choice: 'gguf'"),
+        (lambda: lora.main(["merge", "--model", "tiny", "--adapter", str(tmp_path), "--out",
+                            str(tmp_path)]), "is not empty"),
+    ]
+    for run, words in checks:
+        try:
+            code = run()
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and words in err, err
+
+
+def test_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, run_train, monkeypatch):
+    out = tmp_path / "run"
+    run_train(out, "--max_steps", "2", "--save_every", "1")
+
+    def full(*a, **k):  # what torch.save says when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 238784 vs 238672")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 10 ** 6))
+    with pytest.raises(DataError, match=r"writing checkpoint .*\.tmp_step_00000003: no space left on "
+                                        r"the device \(1 MiB free\)"):
+        run_train(out, "--resume", "--max_steps", "3", "--save_every", "1")
+    assert [s for s, _ in complete_checkpoints(str(out))] == [1, 2]
+    assert not os.path.exists(out / "checkpoints" / ".tmp_step_00000003")
+
+
+def test_metrics_hold_one_valid_row_per_step_after_kills_and_half_lines(tmp_path, run_train,
+                                                                       kill_after_checkpoint):
+    out = tmp_path / "run"
+    kill_after_checkpoint(lambda: run_train(out), step=3)
+    with open(out / "metrics.jsonl", "a") as f:  # rows of steps past the checkpoint, a half line
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')
+    run_train(out, "--resume")
+    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_written_files_follow_the_umask(tmp_path, run_train):
+    old = os.umask(0o022)
+    try:
+        run_train(tmp_path / "run", "--max_steps", "1")
+        assert lora.main(["merge", "--model", "tiny", "--adapter", str(tmp_path / "run" / "adapter"),
+                          "--out", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "run" / "adapter" / "adapter_model.safetensors",
+                 tmp_path / "run" / "checkpoints" / "step_00000001" / "adapter" / "adapter_model.safetensors",
+                 tmp_path / "merged" / "model.safetensors"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+def test_paths_say_what_is_wrong(tmp_path, monkeypatch):
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "f.json").write_text("{}")
+    with pytest.raises(DataError, match="is a folder, not a file"):
+        need_file(str(tmp_path / "dir.json"), "x", "fix")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(DataError, match=r"is not readable \(permission denied\)"):
+        need_file(str(tmp_path / "f.json"), "x", "fix")
+    with pytest.raises(DataError, match="not found"):
+        need_file(str(tmp_path / "nope.json"), "x", "fix")
+
+
+@pytest.mark.slow
+def test_the_demo_adapter_merges_and_loads_back_in_both_layouts(tmp_path, run_train, capsys):
+    """lora.py merge --model tiny (the demo's model); the merged export in either layout evaluates
+    as the base + adapter does, and generates."""
+    run_train(tmp_path / "run", "--model", "tiny", "--max_steps", "3")
+    adapter = str(tmp_path / "run" / "adapter")
+
+    def evaluate(*model):
+        out = tmp_path / f"eval{len(os.listdir(tmp_path))}"
+        assert train.main([*model, "--eval_only", "--eval_data", EVAL, "--device", "cpu",
+                           "--output_dir", str(out)]) == 0
+        return json.load(open(out / "eval.json"))
+
+    want = evaluate("--model", "tiny", "--adapter", adapter)
+    for fmt in ("official", "transformers"):
+        merged = str(tmp_path / fmt)
+        assert lora.main(["merge", "--model", "tiny", "--adapter", adapter, "--out", merged,
+                          "--format", fmt]) == 0
+        got = evaluate("--model", merged)
+        assert got["text_loss"] == pytest.approx(want["text_loss"], rel=1e-5)
+        assert got["audio_loss_per_codebook"] == pytest.approx(want["audio_loss_per_codebook"], rel=1e-5)
+        assert generate.main(["--model", merged, "--data", EVAL, "--count", "1", "--out_dir",
+                              str(tmp_path / f"listen_{fmt}"), "--device", "cpu",
+                              "--max_seconds", "0.5"]) == 0
+    capsys.readouterr()
+
+
+def test_scalars_of_a_row_go_to_tensorboard(tmp_path, run_train):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(tmp_path / "run", "--max_steps", "3", "--log_to", "tensorboard")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert logged == pytest.approx(steps(tmp_path / "run"))
+    assert "audio_loss_per_codebook/7" in events.Tags()["scalars"]
+
+
+def test_a_missing_logger_package_is_one_clear_line(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    for name in run_dir.LOGGERS:
+        with pytest.raises(DataError, match=rf"--log_to {name}: the {name} package is not "
+                                            rf"installed; `pip install {name}`"):
+            run_dir.check_loggers([name])
+    with pytest.raises(DataError, match="--log_to mlflow: unknown"):
+        run_dir.check_loggers(["mlflow"])
