@@ -203,9 +203,13 @@ class Attention(nn.Module):
             k, v = kv.append(k, v)
             if L == 1:  # one query per row: the query heads sharing a key/value head become that
                 # head's query rows, so the cache is read once (enable_gqa with a mask falls back
-                # to copying every key and value once per query head)
-                out = F.scaled_dot_product_attention(
-                    q.reshape(B, self.num_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
+                # to copying every key and value once per query head); two matmuls and a fused
+                # softmax beat the fused attention kernels at one query (H100: 4.13 -> 3.75 ms a
+                # frame at batch 1)
+                qg = q.reshape(B, self.num_kv_heads, -1, self.head_dim)
+                scores = torch.matmul(qg, k.transpose(-1, -2)) * self.head_dim ** -0.5
+                scores = scores.masked_fill(~mask, float("-inf")).float().softmax(-1)
+                out = torch.matmul(scores.to(v.dtype), v)
                 return self.o_proj(out.reshape(B, 1, -1))
         # Right-padded rows need no mask: causal attention never reaches the trailing padding.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
