@@ -71,9 +71,10 @@ def kill_after_checkpoint(monkeypatch):
         real_save = train.save_training_state
 
         def save_then_die(run_dir, d, position, *args):
-            real_save(run_dir, d, position, *args)
+            folder = real_save(run_dir, d, position, *args)
             if position["step"] == step:
                 raise KeyboardInterrupt
+            return folder
 
         monkeypatch.setattr(train, "save_training_state", save_then_die)
         with pytest.raises(KeyboardInterrupt):

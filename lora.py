@@ -284,7 +284,7 @@ def merge(cfg: MergeConfig) -> None:
         files = checkpoint.safetensors_files(base)
         with safe_open(files[0], framework="pt") as f:
             dtype = f.get_tensor(next(iter(f.keys()))).dtype
-        model = checkpoint.load_model(base, dtype=torch.float32)
+        model = checkpoint.load_model(base, dtype=dtype)  # merged_state_dict adds in fp32
     load_adapter(model, cfg.adapter)
     state = {k: v.to(dtype) for k, v in merged_state_dict(model).items()}
     shard_bytes = max(os.path.getsize(f) for f in files) if len(files) > 1 else 1 << 62

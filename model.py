@@ -242,11 +242,12 @@ class DecoderLayer(nn.Module):
             self.audio_post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, text_index, audio_index, ff_mask, mask=None, kv=None):
-        """text_index/audio_index: flat positions of each path (None when there is no audio).
-        Generation passes an explicit attention `mask` and the layer's `kv` cache."""
+        """text_index/audio_index: flat positions of each path (the audio FFN runs, on no rows,
+        even when there is no audio, so its adapters always get a gradient: DDP then needs no
+        search for unused parameters). ff_mask: the fast-forward attention mask, None when there
+        is no audio. Generation passes an explicit attention `mask` and the layer's `kv` cache."""
         B, L, D = h.shape
-        routed = audio_index is not None
-        dual = self.kind == "dual" and routed
+        dual = self.kind == "dual"
         if dual:  # route each position to its own norm/FFN by index, no boolean copies
             flat = h.reshape(-1, D)
             normed = merge_rows(self.input_layernorm(flat[text_index]),
@@ -254,7 +255,7 @@ class DecoderLayer(nn.Module):
                                 text_index, audio_index).view(B, L, D)
         else:
             normed = self.input_layernorm(h)
-        skip_audio = self.kind == "fast_forward" and routed
+        skip_audio = self.kind == "fast_forward" and ff_mask is not None
         h2 = h + self.self_attn(normed, cos, sin, ff_mask if skip_audio else mask, kv)
         flat2 = h2.reshape(-1, D)
         if dual:
@@ -441,13 +442,11 @@ class HiggsAudioModel(nn.Module):
         """Final normed hidden states (B, L, D) for an expanded batch from `collate.collate`."""
         h = self.embed(batch)
         cos, sin = rope_cos_sin(self.rope_inv_freq, batch.position_ids, h.dtype)
-        routed = batch.audio_index.numel() > 0
-        text_index, audio_index = (batch.text_index, batch.audio_index) if routed else (None, None)
         ff_mask = None
-        if routed and any(l.kind == "fast_forward" for l in self.layers):
+        if batch.audio_index.numel() and any(l.kind == "fast_forward" for l in self.layers):
             ff_mask = fast_forward_mask(batch.audio_mask)
         for layer in self.layers:
-            args = (h, cos, sin, text_index, audio_index, ff_mask)
+            args = (h, cos, sin, batch.text_index, batch.audio_index, ff_mask)
             if self.activation_checkpointing and self.training:
                 h = checkpoint(layer, *args, use_reentrant=False)
             else:

@@ -271,9 +271,10 @@ class RunDir:
 
 
 def save_training_state(run: RunDir, d, position: dict, model, optimizer, scheduler,
-                        settings: dict, keep: int) -> None:
+                        settings: dict, keep: int) -> str | None:
     """Every rank contributes its RNG state; rank 0 writes the checkpoint of `position` (the
-    adapter, trainer.pt and the run's settings) and keeps the newest `keep`."""
+    adapter, trainer.pt and the run's settings), keeps the newest `keep`, and returns its
+    folder (None on the other ranks)."""
     rngs = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(rngs, rng_state())
@@ -285,10 +286,11 @@ def save_training_state(run: RunDir, d, position: dict, model, optimizer, schedu
             torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             rng=rngs, position=position), os.path.join(folder, "trainer.pt"))
             run.write_config(settings, folder)
-        run.save_checkpoint(position["step"], write)
+        folder = run.save_checkpoint(position["step"], write)
         run.keep_last(keep)
     if d.world > 1:
         dist.barrier()
+    return folder if d.main else None
 
 
 def resume_checkpoint(resume: str, output_dir: str) -> str | None:

@@ -275,10 +275,14 @@ def data_parallel(model, objective: Objective, device, world: int) -> torch.nn.M
     module = TrainingForward(model, objective)
     if world == 1:
         return module
-    # find_unused_parameters: a micro-batch without audio leaves the audio-FFN LoRA unused
+    # every adapter takes part in every forward (model.DecoderLayer runs the audio FFN on no rows
+    # when a micro-batch has no audio), so DDP skips its per-step search for unused parameters;
+    # a trained Whisper tower only runs on batches with user audio, and needs the search
+    tower = any(p.requires_grad for n, p in model.named_parameters()
+                if n.startswith(("audio_tower.", "audio_encoder_proj.")))
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=True)
+        find_unused_parameters=tower, gradient_as_bucket_view=True)
 
 
 def add_lora(model, cfg: TrainConfig) -> list:
@@ -403,6 +407,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, d: Dist, device, dtype, run: RunDir):
         self.cfg, self.d, self.device, self.run = cfg, d, device, run
+        self.started = time.time()
         self.log = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
         self.amp = partial(autocast, device, dtype)
         self.load_data()
@@ -462,7 +467,8 @@ class Trainer:
         step, self.bad_steps, started, row = pos["step"], 0, time.time(), {}
         while step < cfg.optim.max_steps:
             epoch, in_epoch, cpu_batches = next(batches)
-            row = dict(step=step + 1, epoch=epoch, **self.step(cpu_batches))
+            row = dict(step=step + 1, epoch=epoch, **self.step(cpu_batches),
+                       elapsed_s=time.time() - self.started)
             step += 1
             self.run.log(row)
             if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
@@ -518,8 +524,15 @@ class Trainer:
             if self.d.world > 1:  # the other ranks wait for rank 0's samples
                 dist.barrier()
         if step % cfg.run.save_every == 0 or last:
-            save_training_state(self.run, self.d, position, self.model, self.optimizer,
-                                self.scheduler, settings(cfg, self.d), cfg.run.keep_checkpoints)
+            t0 = time.time()
+            folder = save_training_state(self.run, self.d, position, self.model, self.optimizer,
+                                         self.scheduler, settings(cfg, self.d),
+                                         cfg.run.keep_checkpoints)
+            if folder:
+                size = sum(os.path.getsize(os.path.join(root, f))
+                           for root, _, files in os.walk(folder) for f in files)
+                self.run.log(dict(step=step, checkpoint_seconds=time.time() - t0,
+                                  checkpoint_mib=size / 2 ** 20))
 
     def evaluate(self, step: int, what: str = "eval") -> dict:
         ev = evaluate(self.model, self.eval_samples, self.collator, self.cfg.optim.batch_size,
