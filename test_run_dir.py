@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 
 import pytest
 import torch
@@ -271,3 +272,21 @@ def test_a_missing_logger_package_is_one_clear_line(monkeypatch):
             run_dir.check_loggers([name])
     with pytest.raises(DataError, match="--log_to mlflow: unknown"):
         run_dir.check_loggers(["mlflow"])
+
+
+@pytest.mark.slow
+def test_the_node_rehearsal_runs_every_stage_on_cpu(tmp_path):
+    """bash rehearse.sh --tiny: assets, prepare, train killed after a checkpoint, resume, both
+    merges evaluating as the adapter does, generation; its last line is the JSON summary."""
+    p = subprocess.run(["bash", "rehearse.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, WORK=str(tmp_path / "rehearsal")), timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert list(summary["stages"]) == [
+        "assets", "prepare", "train", "resume", "merge_official", "merge_transformers",
+        "eval_adapter", "eval_merged_official", "eval_merged_transformers", "generate"]
+    assert summary["stages"]["train"]["rc"] == -9  # killed after its checkpoint, as planned
+    assert all(s["rc"] == 0 for name, s in summary["stages"].items() if name != "train")
+    assert summary["merged_eval_max_abs_diff"] < 1e-4 and summary["checkpoint_mib"] > 0
+    assert summary["loading_to_first_step_s"] > 0 and summary["resume_to_first_step_s"] > 0
+    assert os.path.isfile(tmp_path / "rehearsal" / "run" / "samples" / "step_00000004" / "sample0.wav")

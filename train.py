@@ -407,7 +407,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, d: Dist, device, dtype, run: RunDir):
         self.cfg, self.d, self.device, self.run = cfg, d, device, run
-        self.started = time.time()
         self.log = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
         self.amp = partial(autocast, device, dtype)
         self.load_data()
@@ -467,8 +466,7 @@ class Trainer:
         step, self.bad_steps, started, row = pos["step"], 0, time.time(), {}
         while step < cfg.optim.max_steps:
             epoch, in_epoch, cpu_batches = next(batches)
-            row = dict(step=step + 1, epoch=epoch, **self.step(cpu_batches),
-                       elapsed_s=time.time() - self.started)
+            row = dict(step=step + 1, epoch=epoch, **self.step(cpu_batches), time=time.time())
             step += 1
             self.run.log(row)
             if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:

@@ -1,0 +1,241 @@
+"""The helpers of rehearse.sh, a rehearsal of the whole workflow on a node before a long run:
+synthetic assets at the released shape (random weights and codebooks: nothing is downloaded),
+each stage run and measured, and the summary.
+
+    python3 rehearse.py assets WORK [--tiny]     # WORK/model, WORK/audio_tokenizer, WORK/data/*
+    python3 rehearse.py stage WORK NAME [--kill_when FILE] -- COMMAND ...
+    python3 rehearse.py report WORK              # the summary: one JSON line
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_TOKENIZER = os.path.join(HERE, "demo", "tokenizer")
+WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing near an old "
+         "bridge in the warm morning light and people walk slowly to the market").split()
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic assets
+
+
+def released_tokenizer(out_dir: str) -> None:
+    """The demo tokenizer with its 256 special tokens moved to the released ids (128000+): the
+    ids in between are unused vocabulary entries, so the vocabulary is the released 128256."""
+    with open(os.path.join(DEMO_TOKENIZER, "tokenizer.json")) as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]
+    shift = 128000 - len(vocab)
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), 128000)})
+    for token in tok["added_tokens"]:
+        token["id"] += shift
+    for special in tok["post_processor"]["special_tokens"].values():
+        special["ids"] = [i + shift for i in special["ids"]]
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(DEMO_TOKENIZER, name), out_dir)
+
+
+def write_model(out_dir: str, tiny: bool) -> None:
+    """A random checkpoint in the official layout, sharded like the released one (5 GB shards)."""
+    from checkpoint import save_checkpoint
+    from model import HiggsAudioModel, HiggsConfig, init_weights
+
+    cfg = HiggsConfig.tiny() if tiny else HiggsConfig.released()
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HiggsAudioModel(cfg)
+    init_weights(model)
+    save_checkpoint(model.to(torch.float32 if tiny else torch.bfloat16), out_dir,
+                    max_shard_bytes=5 * 10 ** 9)
+    if tiny:
+        for name in os.listdir(DEMO_TOKENIZER):
+            shutil.copy(os.path.join(DEMO_TOKENIZER, name), out_dir)
+    else:
+        released_tokenizer(out_dir)
+
+
+def write_audio_tokenizer(out_dir: str, tiny: bool) -> None:
+    """HiggsAudioV2TokenizerModel with the released settings (24 kHz, hop 960, 8 codebooks of
+    1024; transformers' default config has hop 320) and full-size networks, or the demo's tiny
+    one; random codebooks (transformers initialises them to zeros: every code would be 0)."""
+    from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+
+    if tiny:
+        from demo.make_demo import build_audio_tokenizer
+
+        model = build_audio_tokenizer()
+    else:
+        torch.manual_seed(0)
+        model = HiggsAudioV2TokenizerModel(HiggsAudioV2TokenizerConfig(
+            target_bandwidths=[0.5, 1, 1.5, 2],
+            acoustic_model_config={"downsampling_ratios": [8, 5, 4, 2, 3],
+                                   "upsampling_ratios": [8, 5, 4, 2, 3]}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for q in model.quantizer.quantizers:
+            q.codebook.embed.copy_(torch.randn(q.codebook.embed.shape, generator=g))
+    model.save_pretrained(out_dir)
+
+
+def write_clips(folder: str, speakers: int, clips: int, seconds: tuple, seed: int) -> float:
+    """`speakers` subfolders of `clips` NAME.wav + NAME.txt pairs: voiced tones with a syllable
+    envelope (some at 44.1 kHz stereo, some at 16 kHz), transcripts at ~14 characters per
+    second. Returns the seconds of audio written."""
+    rng, total = np.random.default_rng(seed), 0.0
+    for s in range(speakers):
+        pitch = rng.uniform(90, 250)
+        for c in range(clips):
+            rate, channels = [(24000, 1), (44100, 2), (16000, 1)][(s + c) % 3]
+            duration = rng.uniform(*seconds)
+            t = np.arange(int(duration * rate)) / rate
+            voice = sum(np.sin(2 * np.pi * pitch * k * t * (1 + 0.05 * np.sin(3 * t))) / k
+                        for k in range(1, 6))
+            wave = 0.2 * voice * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))
+            wave = np.stack([wave] * channels, 1) + 0.01 * rng.standard_normal((len(t), channels))
+            stem = os.path.join(folder, f"speaker{s:02d}", f"clip{c:02d}")
+            os.makedirs(os.path.dirname(stem), exist_ok=True)
+            sf.write(stem + ".wav", wave.astype(np.float32), rate, subtype="PCM_16")
+            words = rng.choice(WORDS, max(2, int(duration * 14 / 5))).tolist()
+            with open(stem + ".txt", "w") as f:
+                f.write(" ".join(words).capitalize() + ".\n")
+            total += duration
+    return total
+
+
+def assets(work: str, tiny: bool) -> None:
+    for name in ("model", "audio_tokenizer", "data"):
+        os.makedirs(os.path.join(work, name), exist_ok=True)
+    write_model(os.path.join(work, "model"), tiny)
+    write_audio_tokenizer(os.path.join(work, "audio_tokenizer"), tiny)
+    seconds = (0.6, 1.4) if tiny else (3.0, 7.0)
+    audio = write_clips(os.path.join(work, "data", "train"), 4 if tiny else 20, 6 if tiny else 10,
+                        seconds, seed=1)
+    write_clips(os.path.join(work, "data", "eval"), 2, 2 if tiny else 3, seconds, seed=2)
+    with open(os.path.join(work, "assets.json"), "w") as f:
+        json.dump({"train_audio_seconds": audio}, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def gpu_memory_used() -> list[float]:
+    """GiB in use on each GPU, as nvidia-smi sees it (every process counted)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return [float(x) / 1024 for x in out.split()]
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return []
+
+
+def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
+    """Run `command` (in its own process group), polling the GPUs' memory; with `kill_when`,
+    SIGKILL the whole group once that file exists (a preemption). Appends a row to
+    WORK/stages.jsonl: seconds, peak GPU and host memory, exit code."""
+    peak, done = [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            used = gpu_memory_used()
+            peak[:] = [max(a, b) for a, b in zip(peak, used)] if peak else used
+            done.wait(0.5)
+    threading.Thread(target=poll, daemon=True).start()
+    start = time.time()
+    proc = subprocess.Popen(command, start_new_session=True)
+    while proc.poll() is None:
+        if kill_when and os.path.exists(kill_when):
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.2)
+    done.set()
+    row = dict(stage=name, start=start, seconds=round(time.time() - start, 1), rc=proc.returncode,
+               peak_gpu_gib=round(max(peak), 2) if peak else None,
+               peak_host_gib=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20, 2))
+    with open(os.path.join(work, "stages.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"rehearse: {name}: {row['seconds']} s, rc {proc.returncode}", flush=True)
+    killed = kill_when and proc.returncode == -signal.SIGKILL
+    return 0 if killed else proc.returncode
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary
+
+
+def rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def first_step_seconds(run_rows: list[dict], started: float) -> float:
+    """From the stage's start to the first training step's start: loading and compiling."""
+    first = next(r for r in run_rows if "loss" in r)
+    return round(first["time"] - first["step_seconds"] - started, 1)
+
+
+def steady(run_rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in run_rows if "loss" in r and r["step"] > 2)
+
+
+def report(work: str) -> dict:
+    stages = {s["stage"]: s for s in rows(os.path.join(work, "stages.jsonl"))}
+    run = rows(os.path.join(work, "run", "metrics.jsonl"))
+    checkpoints = [r for r in run if "checkpoint_seconds" in r]
+    evals = {name: json.load(open(os.path.join(work, name, "eval.json")))
+             for name in ("eval_adapter", "eval_merged_official", "eval_merged_transformers")}
+    audio_hours = json.load(open(os.path.join(work, "assets.json")))["train_audio_seconds"] / 3600
+    out = dict(
+        stages={n: {k: s[k] for k in ("seconds", "peak_gpu_gib", "peak_host_gib", "rc")}
+                for n, s in stages.items()},
+        loading_to_first_step_s=first_step_seconds(run, stages["train"]["start"]),
+        steady_step_s=steady(run, "step_seconds"),
+        positions_per_s=steady(run, "positions_per_s"),
+        checkpoint_seconds=checkpoints[0]["checkpoint_seconds"],
+        checkpoint_mib=checkpoints[0]["checkpoint_mib"],
+        resume_to_first_step_s=first_step_seconds(
+            [r for r in run if r.get("time", 0) > stages["resume"]["start"]], stages["resume"]["start"]),
+        prepare_audio_hours_per_minute=audio_hours / (stages["prepare"]["seconds"] / 60),
+        merged_eval_max_abs_diff=max(
+            abs(evals[m][k] - evals["eval_adapter"][k]) for m in evals if m != "eval_adapter"
+            for k in ("text_loss", "audio_loss")))
+    one_gpu = os.path.join(work, "one_gpu", "metrics.jsonl")
+    if os.path.isfile(one_gpu):  # the same per-GPU batch on one GPU and on all of them
+        world = json.load(open(os.path.join(work, "run", "config.json")))["world_size"]
+        alone = steady(rows(one_gpu), "positions_per_s")
+        out.update(world_size=world, one_gpu_positions_per_s=alone,
+                   scaling_efficiency=out["positions_per_s"] / world / alone)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    command, work = argv[0], argv[1]
+    if command == "assets":
+        assets(work, "--tiny" in argv)
+    elif command == "stage":
+        split = argv.index("--")
+        kill = argv[argv.index("--kill_when") + 1] if "--kill_when" in argv[:split] else ""
+        return stage(work, argv[2], argv[split + 1:], kill)
+    elif command == "report":
+        print(json.dumps(report(work)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
