@@ -146,10 +146,29 @@ def gpu_memory_used() -> list[float]:
         return []
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own, so
+    killing a process group would leave them running)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
-    """Run `command` (in its own process group), polling the GPUs' memory; with `kill_when`,
-    SIGKILL the whole group once that file exists (a preemption). Appends a row to
-    WORK/stages.jsonl: seconds, peak GPU and host memory, exit code."""
+    """Run `command`, polling the GPUs' memory; with `kill_when`, SIGKILL it and every process
+    below it once that file exists (a preemption). Appends a row to WORK/stages.jsonl: seconds,
+    peak GPU and host memory, exit code."""
     peak, done = [], threading.Event()
 
     def poll():
@@ -159,10 +178,14 @@ def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
             done.wait(0.5)
     threading.Thread(target=poll, daemon=True).start()
     start = time.time()
-    proc = subprocess.Popen(command, start_new_session=True)
+    proc = subprocess.Popen(command)
     while proc.poll() is None:
         if kill_when and os.path.exists(kill_when):
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid] + descendants(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         time.sleep(0.2)
     done.set()
     row = dict(stage=name, start=start, seconds=round(time.time() - start, 1), rc=proc.returncode,

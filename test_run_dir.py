@@ -5,8 +5,11 @@ for a full disk and odd paths, one metrics row per step, and files readable as t
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -290,3 +293,26 @@ def test_the_node_rehearsal_runs_every_stage_on_cpu(tmp_path):
     assert summary["merged_eval_max_abs_diff"] < 1e-4 and summary["checkpoint_mib"] > 0
     assert summary["loading_to_first_step_s"] > 0 and summary["resume_to_first_step_s"] > 0
     assert os.path.isfile(tmp_path / "rehearsal" / "run" / "samples" / "step_00000004" / "sample0.wav")
+
+
+@pytest.mark.slow
+def test_the_rehearsal_kill_takes_down_every_torchrun_worker(tmp_path, tiny_ckpt):
+    """rehearse.py stage --kill_when kills torchrun and its workers (in sessions of their own):
+    the folder's lock is free at once, and the run resumes to its end."""
+    import rehearse
+
+    run = tmp_path / "run"
+    flags = ["--model", tiny_ckpt, "--eval_data", "", "--device", "cpu", "--batch_size", "1",
+             "--max_steps", "6", "--save_every", "2", "--output_dir", str(run)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", port, os.path.join(ROOT, "train.py")]
+    assert rehearse.stage(str(tmp_path), "train", torchrun + flags,
+                          kill_when=str(run / "checkpoints" / "step_00000002" / "COMPLETE")) == 0
+    time.sleep(1)
+    holder = RunDir(str(run))
+    holder.claim(resume=True, overwrite=False)  # would raise if a worker still held the lock
+    holder.release()
+    assert complete_checkpoints(str(run))[-1][0] < 6
