@@ -58,7 +58,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             title = (owner.__doc__ or path[0]).strip().split("\n")[0]
             group = groups.setdefault(path[0], parser.add_argument_group(title))
         meta, default = f.metadata, _default(f)
-        help = meta.get("help", "")
+        help = meta.get("help", "") + {"fixed": "; must match the checkpoint on --resume",
+                                       "applied": "; may change on --resume"}.get(meta.get("on_resume"), "")
         if kind is bool:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
                                default=default, help=f"{help} (default: %(default)s)")

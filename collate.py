@@ -17,7 +17,7 @@ import torch
 
 from audio import CODES_FRAME_RATE, WHISPER_SAMPLE_RATE
 from chatml import IGNORE, DataError, Sample
-from model import tower_lengths
+from audio_tower import tower_lengths
 
 WHISPER_CHUNK_SECONDS = 30
 WHISPER_HOP = 160  # samples per mel frame of WhisperFeatureExtractor

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from audio_tower import AudioEncoderProj, AudioTower, tower_lengths
+
 # ----------------------------------------------------------------------------------------------
 # Config
 
@@ -281,87 +283,6 @@ class DecoderLayer(nn.Module):
         ffn_norm = self.audio_post_attention_layernorm if dual else self.post_attention_layernorm
         h = h + self.self_attn(attn_norm(h), cos, sin, mask, kv)
         return h + (self.audio_mlp if dual else self.mlp)(ffn_norm(h))
-
-
-# ----------------------------------------------------------------------------------------------
-# Whisper-style audio tower (only in checkpoints that have one)
-
-
-class WhisperAttention(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x, key_bias):
-        B, T, D = x.shape
-        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                             split(self.v_proj(x)), attn_mask=key_bias)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
-
-
-class WhisperEncoderLayer(nn.Module):
-    def __init__(self, d: int, heads: int, ffn: int):
-        super().__init__()
-        self.self_attn = WhisperAttention(d, heads)
-        self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, ffn)
-        self.fc2 = nn.Linear(ffn, d)
-        self.final_layer_norm = nn.LayerNorm(d)
-
-    def forward(self, x, key_bias):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), key_bias)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
-
-
-def tower_lengths(mel_frames):
-    """(frames after the tower's stride-2 conv, states after its 2x pooling) of a chunk with
-    `mel_frames` valid mel frames (an int or a tensor of them)."""
-    conv = (mel_frames - 1) // 2 + 1
-    return conv, (conv - 2) // 2 + 1
-
-
-class AudioTower(nn.Module):
-    """Whisper encoder + 2x average pooling: 30 s of 128-bin log-mel (3000 frames) -> 750 states."""
-
-    def __init__(self, cfg: HiggsConfig):
-        super().__init__()
-        d = cfg.whisper_d_model
-        self.conv1 = nn.Conv1d(cfg.whisper_num_mel_bins, d, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(cfg.whisper_max_source_positions, d)
-        self.layers = nn.ModuleList(WhisperEncoderLayer(d, cfg.whisper_heads, cfg.whisper_ffn_dim)
-                                    for _ in range(cfg.whisper_layers))
-        self.layer_norm = nn.LayerNorm(d)
-
-    def forward(self, features, mel_lengths):
-        x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
-        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
-        x = x + self.embed_positions.weight
-        conv_len, _ = tower_lengths(mel_lengths)
-        T = x.shape[1]
-        # The official tower (transformers 4.46 eager WhisperAttention) ADDS its boolean key mask
-        # to the scores: +1 on valid frames, padding frames stay visible. Whisper itself never
-        # masks padding, and towered checkpoints run that way, so we reproduce it exactly.
-        valid = torch.arange(T, device=x.device)[None, :] < conv_len[:, None]
-        key_bias = valid.to(x.dtype)[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, key_bias)
-        x = F.avg_pool1d(x.permute(0, 2, 1), 2, 2).permute(0, 2, 1)
-        return self.layer_norm(x)
-
-
-class AudioEncoderProj(nn.Module):
-    def __init__(self, cfg: HiggsConfig):
-        super().__init__()
-        self.linear = nn.Linear(cfg.whisper_d_model, cfg.hidden_size)
-
-    def forward(self, x):
-        return self.linear(x)
 
 
 class DecoderProj(nn.Module):
