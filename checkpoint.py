@@ -9,6 +9,7 @@ layouts, converted here so that model.py knows one set of names.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -303,15 +304,19 @@ def load(model: str, device="cpu", dtype=torch.bfloat16, seed: int = 0) -> Higgs
 
 
 def save_tensors(tensors: dict, path: str) -> None:
-    """safetensors file written whole or not at all, readable as the umask allows (safetensors
-    itself creates files readable by their owner alone)."""
+    """A safetensors file (written to a temporary file and renamed by safetensors itself),
+    readable as the umask allows: safetensors creates files readable by their owner alone. Its
+    own error type becomes an OSError, so a full disk is reported like any other write error."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        raise OSError(errno.ENOSPC if "No space left" in str(e) else errno.EIO, str(e), path)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path + ".tmp", 0o666 & ~umask)
-    os.replace(path + ".tmp", path)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_checkpoint(model: HiggsAudioModel, out_dir: str, fmt: str = "official",

@@ -26,6 +26,7 @@ from chatml import (AudioPart, AudioSegment, DataError, Record, Sample, TextPart
                     record_to_json, resolve_audio_path, tokenize_record)
 from checkpoint import model_spec
 from cli import option, parse
+from device import resolve_device
 from collate import expanded_length
 from formats import FORMATS, Invalid, read_records
 from health import SPEAKING_RATE_FACTOR
@@ -289,7 +290,7 @@ def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "aut
     records, invalid, fmt = read_records(path, fmt)
     for x in invalid:
         print(f"skipped: {x.reason}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device, _ = resolve_device(device)
     model = load_audio_tokenizer(tokenizer_dir, device)
     K, size = model.config.num_quantizers, model.config.codebook_size
     files = sorted({resolve_audio_path(p, r.base_dir) for r in records for m in r.messages

@@ -396,7 +396,7 @@ def revert(stream: torch.Tensor, cfg) -> torch.Tensor:
 class ListenConfig:
     """listening to checkpoints: generated samples and their health checks (README)"""
     sample_every: int = option(0, "generate with the current adapter every N steps and at the end; "
-                               "0: never", min=0)
+                               "0: never", min=0, on_resume="applied")
     sample_data: str = option("", "prompts: a data file in any format; none: --eval_data")
     sample_count: int = option(4, "prompts: the first N records", min=1)
     sample_max_seconds: float = option(20.0, "frame limit of each sample, in seconds of audio", above=0)
@@ -416,6 +416,7 @@ class Listener:
 
     def __init__(self, sampling: Sampling, device, audio_tokenizer: str = "", asr_model: str = "",
                  speaker_model: str = "", prompts: list | None = None, every: int = 0):
+        """Loads the models named (audio tokenizer, scorers) onto `device`."""
         self.sampling, self.prompts, self.every = sampling, prompts, every
         self.audio_tokenizer = load_audio_tokenizer(audio_tokenizer, device) if audio_tokenizer else None
         self.asr = AsrScorer(asr_model, device) if asr_model else None
@@ -423,12 +424,14 @@ class Listener:
 
     @classmethod
     def for_training(cls, cfg: ListenConfig, prompts_path: str, tokenizer, model_cfg, seed: int,
-                     device) -> "Listener":
+                     device, with_models: bool = True) -> "Listener":
         """train.py --sample_every: the first prompts of a data file, decoded with the run's seed
-        (the same draws every time, so steps compare)."""
+        (the same draws every time, so steps compare). Ranks that do not listen pass
+        with_models=False: they only read the prompts and keep the schedule."""
         sampling = Sampling(temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
                             top_p=cfg.sample_top_p, seed=seed, max_seconds=cfg.sample_max_seconds)
-        return cls(sampling, device, cfg.audio_tokenizer, cfg.asr_model, cfg.speaker_model,
+        models = (cfg.audio_tokenizer, cfg.asr_model, cfg.speaker_model) if with_models else ("",) * 3
+        return cls(sampling, device, *models,
                    load_prompts(prompts_path, cfg.sample_count, tokenizer, model_cfg),
                    cfg.sample_every)
 

@@ -168,7 +168,7 @@ def descendants(pid: int) -> list[int]:
 def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
     """Run `command`, polling the GPUs' memory; with `kill_when`, SIGKILL it and every process
     below it once that file exists (a preemption). Appends a row to WORK/stages.jsonl: seconds,
-    peak GPU and host memory, exit code."""
+    peak GPU memory, the peak host memory of its largest process, exit code."""
     peak, done = [], threading.Event()
 
     def poll():

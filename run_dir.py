@@ -41,7 +41,10 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "adapter", "samples"
 
 def io_error(e: Exception, path: str, doing: str) -> DataError:
     """An OSError (or torch.save's RuntimeError on a full disk) as one line naming the path."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
     if getattr(e, "errno", None) == errno.ENOSPC or free < 64 * 2 ** 20:
         return DataError(f"{doing} {path}: no space left on the device ({free / 2 ** 20:.0f} MiB "
                          "free); free some space or use another --output_dir, then --resume")
@@ -64,19 +67,19 @@ def set_rng_state(s: dict) -> None:
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, folder) of every complete checkpoint, oldest first; of two copies of a step (one
-    being replaced when a kill came) the final name wins."""
+    """(step, folder) of every complete checkpoint, oldest first. Of the copies of one step that
+    a kill during a replacement leaves, the final name wins, then the new copy, then the old."""
     root, found = os.path.join(output_dir, "checkpoints"), {}
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    rank = {None: 0, ".tmp_": 1, ".old_": 2}
+    for name in os.listdir(root) if os.path.isdir(root) else []:
         m = CHECKPOINT_NAME.fullmatch(name)
         if m and os.path.isfile(os.path.join(root, name, COMPLETE)):
-            step = int(m.group(2))
-            if step not in found or not m.group(1):
-                found[step] = os.path.join(root, name)
-    return sorted(found.items())
+            step, kind = int(m.group(2)), rank[m.group(1)]
+            if step not in found or kind < found[step][0]:
+                found[step] = (kind, os.path.join(root, name))
+    return sorted((step, folder) for step, (_, folder) in found.items())
 
 
-LOGGERS = ("tensorboard", "wandb")
 
 
 def scalars(row: dict):
@@ -138,6 +141,9 @@ class WandbLog:
         self.run.finish()
 
 
+LOGGERS = {"tensorboard": TensorBoardLog, "wandb": WandbLog}  # --log_to
+
+
 class RunDir:
     """The output folder of a run; rank 0 writes, every rank reads checkpoints."""
 
@@ -168,6 +174,9 @@ class RunDir:
         self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self.lock_file.flush()
+        if resume and overwrite:
+            raise DataError("--resume continues the run in --output_dir and --overwrite deletes "
+                            "it; give one of them")
         existing = [n for n in RUN_FILES if os.path.exists(os.path.join(self.path, n))]
         if existing and not resume:
             if not overwrite:
@@ -195,14 +204,27 @@ class RunDir:
             json.dump(settings, f, indent=2)
 
     # -- metrics.jsonl ----------------------------------------------------------------------------
+    def cut_back(self, resumed_step: int, log) -> None:
+        """Rank 0, on a resume: the checkpoints and samples of steps after `resumed_step` belong
+        to a continuation the resumed run replaces (a kill, or a resume from an older
+        checkpoint); left in place, a later --resume would pick them up."""
+        if not self.main:
+            return
+        for sub in ("checkpoints", "samples"):
+            root = os.path.join(self.path, sub)
+            for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+                m = CHECKPOINT_NAME.fullmatch(name)
+                if m and int(m.group(2)) > resumed_step:
+                    shutil.rmtree(os.path.join(root, name))
+                    log(f"resume: removed {sub}/{name}, after the resumed step {resumed_step}")
+
     def open_metrics(self, resumed_step: int, log_to: list[str] = (), settings: dict = None) -> None:
         """Rank 0 appends to metrics.jsonl, first cut back to the rows up to `resumed_step` (a
         kill leaves the rows of steps the resumed run repeats, and possibly a half line), and
         sends the same numbers to the `log_to` loggers."""
         if not self.main:
             return
-        kinds = {"tensorboard": TensorBoardLog, "wandb": WandbLog}
-        self.loggers = [kinds[name](self.path, resumed_step, settings or {}) for name in log_to]
+        self.loggers = [LOGGERS[name](self.path, resumed_step, settings or {}) for name in log_to]
         path = os.path.join(self.path, "metrics.jsonl")
         rows = []
         if os.path.isfile(path):
@@ -271,10 +293,9 @@ class RunDir:
 
 
 def save_training_state(run: RunDir, d, position: dict, model, optimizer, scheduler,
-                        settings: dict, keep: int) -> str | None:
+                        settings: dict) -> str | None:
     """Every rank contributes its RNG state; rank 0 writes the checkpoint of `position` (the
-    adapter, trainer.pt and the run's settings), keeps the newest `keep`, and returns its
-    folder (None on the other ranks)."""
+    adapter, trainer.pt and the run's settings) and returns its folder (None elsewhere)."""
     rngs = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(rngs, rng_state())
@@ -287,7 +308,6 @@ def save_training_state(run: RunDir, d, position: dict, model, optimizer, schedu
                             rng=rngs, position=position), os.path.join(folder, "trainer.pt"))
             run.write_config(settings, folder)
         folder = run.save_checkpoint(position["step"], write)
-        run.keep_last(keep)
     if d.world > 1:
         dist.barrier()
     return folder if d.main else None
@@ -324,7 +344,8 @@ def compare_settings(path: str, now: dict, kinds: dict, log) -> None:
 
 def restore_training_state(path: str, model, optimizer, scheduler, rank: int) -> dict:
     """Adapter, optimizer, scheduler and this rank's RNG state of a checkpoint; its position."""
-    blob = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    # on the CPU: each rank's optimizer.load_state_dict moves the state to its own parameters
+    blob = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
     copy_adapter_weights(model, read_adapter(os.path.join(path, "adapter"))[1], path)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

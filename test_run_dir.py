@@ -64,15 +64,13 @@ def test_a_second_run_in_a_folder_in_use_is_told_who_holds_it(tmp_path, run_trai
 
 
 @pytest.mark.slow
-def test_kill_while_writing_or_replacing_a_checkpoint_resumes_exactly(tmp_path, run_train,
-                                                                     monkeypatch):
+def test_kill_while_writing_a_checkpoint_resumes_exactly(tmp_path, run_train, monkeypatch):
     full = tmp_path / "full"
     run_train(full)
-    # killed while step 6 is written: the half-written copy is never picked
     part = tmp_path / "part"
     real_save = torch.save
 
-    def die_at_step_6(obj, path, *a, **k):
+    def die_at_step_6(obj, path, *a, **k):  # killed while step 6 is written
         if "step_00000006" in str(path):
             raise KeyboardInterrupt
         real_save(obj, path, *a, **k)
@@ -81,27 +79,42 @@ def test_kill_while_writing_or_replacing_a_checkpoint_resumes_exactly(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         run_train(part)
     monkeypatch.undo()
-    assert [s for s, _ in complete_checkpoints(str(part))] == [3]
+    assert [s for s, _ in complete_checkpoints(str(part))] == [3]  # the half copy is never picked
     run_train(part, "--resume")
     assert steps(part) == steps(full) and same_adapter(part, full)
-    # killed while an older copy of step 6 is replaced (a rerun from step 3): a complete copy
-    # survives under another name, and resume finds it
+
+
+def test_a_kill_while_a_checkpoint_is_replaced_leaves_a_complete_copy(tmp_path, monkeypatch):
+    run = RunDir(str(tmp_path))
+    write = lambda text: lambda folder: open(os.path.join(folder, "x"), "w").write(text)  # noqa: E731
+    run.save_checkpoint(6, write("old"))
     real_rename = os.rename
 
-    def die_on_the_second_rename(src, dst):
+    def die_after_moving_the_old_copy_away(src, dst):
         real_rename(src, dst)
-        if os.path.basename(src) == ".tmp_step_00000006" or ".old_" not in os.path.basename(dst):
-            return
-        raise KeyboardInterrupt
+        if os.path.basename(dst).startswith(".old_"):
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(os, "rename", die_on_the_second_rename)
+    monkeypatch.setattr(os, "rename", die_after_moving_the_old_copy_away)
     with pytest.raises(KeyboardInterrupt):
-        run_train(part, "--resume", str(part / "checkpoints" / "step_00000003"))
+        run.save_checkpoint(6, write("new"))
     monkeypatch.undo()
-    assert not os.path.exists(part / "checkpoints" / "step_00000006")
-    assert [s for s, _ in complete_checkpoints(str(part))] == [3, 6]
-    run_train(part, "--resume")  # resumes at 6, the end: only the final adapter is written
-    assert steps(part) == steps(full) and same_adapter(part, full)
+    assert not os.path.exists(tmp_path / "checkpoints" / "step_00000006")
+    [(step, folder)] = complete_checkpoints(str(tmp_path))
+    assert step == 6 and open(os.path.join(folder, "x")).read() == "new"
+
+
+def test_resuming_an_older_checkpoint_drops_the_abandoned_continuation(tmp_path, run_train, capsys):
+    out = tmp_path / "run"
+    run_train(out, "--max_steps", "6", "--save_every", "2", "--sample_every", "2",
+              "--eval_data", EVAL, "--sample_count", "1", "--sample_max_seconds", "0.2")
+    run_train(out, "--resume", str(out / "checkpoints" / "step_00000002"), "--max_steps", "4",
+              "--save_every", "2", "--sample_every", "2", "--eval_data", EVAL, "--sample_count", "1",
+              "--sample_max_seconds", "0.2", "--lr", "1e-3")
+    assert "removed checkpoints/step_00000006, after the resumed step 2" in capsys.readouterr().out
+    assert [s for s, _ in complete_checkpoints(str(out))] == [2, 4]
+    assert sorted(os.listdir(out / "samples")) == ["step_00000002", "step_00000004"]
+    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_resume_refuses_model_and_data_changes_and_applies_schedule_changes(tmp_path, run_train,
@@ -172,6 +185,19 @@ def test_other_commands_check_their_flags(tmp_path, capsys):
             code = e.code
         err = capsys.readouterr().err
         assert code == 2 and words in err, err
+
+
+def test_a_full_disk_under_safetensors_is_one_line_too(tmp_path, run_train, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(DataError, match=r"writing checkpoint .*\.tmp_step_00000001: no space left"):
+        run_train(tmp_path / "run", "--max_steps", "1")
 
 
 def test_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, run_train, monkeypatch):

@@ -131,12 +131,16 @@ class RunConfig:
                          "(--resume alone) or from a checkpoint folder", const="latest")
     overwrite: bool = option(False, "start fresh in an --output_dir that holds another run, "
                              "deleting its files")
-    save_every: int = option(20, "checkpoint every N steps (and at the end)", min=1)
-    keep_checkpoints: int = option(3, "newest checkpoints kept", min=1)
-    eval_every: int = option(0, "evaluate every N steps; 0: only at the end", min=0)
-    log_every: int = option(5, "progress line every N steps (metrics.jsonl gets every step)", min=1)
+    save_every: int = option(20, "checkpoint every N steps (and at the end)", min=1,
+                             on_resume="applied")
+    keep_checkpoints: int = option(3, "newest checkpoints kept", min=1, on_resume="applied")
+    eval_every: int = option(0, "evaluate every N steps; 0: only at the end", min=0,
+                             on_resume="applied")
+    log_every: int = option(5, "progress line every N steps (metrics.jsonl gets every step)", min=1,
+                            on_resume="applied")
     log_to: str = option("", "also send metrics.jsonl's numbers to tensorboard (OUT/tensorboard), "
-                         "wandb, or both (comma-separated); each needs its package")
+                         "wandb, or both (comma-separated); each needs its package",
+                         on_resume="applied")
 
     def loggers(self) -> list[str]:
         return [n.strip() for n in self.log_to.split(",") if n.strip()]
@@ -198,7 +202,7 @@ def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig, training: bo
         raise DataError(invalid_summary(path, invalid, len(samples) + len(invalid)) +
                         "\nfix them (`python data.py check` reports them all), or pass "
                         "--skip_invalid to train without them")
-    if invalid and local_rank() == 0 and int(os.environ.get("RANK", "0")) == 0:
+    if invalid and int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the list
         write_skipped(cfg.run.output_dir, path, invalid)
     if not samples:
         raise DataError(f"{path}: no valid records")
@@ -427,6 +431,8 @@ class Trainer:
             self.log(f"resumed from {self.resume_from} at step {self.position['step']}")
         if d.main:
             run.write_config(settings(cfg, d))
+        if self.resume_from:
+            run.cut_back(self.position["step"], self.log)
         run.open_metrics(self.position["step"], cfg.run.loggers(), settings(cfg, d))
 
     def load_data(self) -> None:
@@ -438,7 +444,11 @@ class Trainer:
                                    parse_codebook_weights(c.codebook_weights,
                                                           model_cfg.audio_num_codebooks),
                                    c.voice_consistency_weight)
-        self.resume_from = resume_checkpoint(cfg.run.resume, cfg.run.output_dir)
+        # rank 0 decides, so every rank resumes from the same step (--output_dir is shared)
+        found = [resume_checkpoint(cfg.run.resume, cfg.run.output_dir) if d.main else None]
+        if d.world > 1:
+            dist.broadcast_object_list(found)
+        self.resume_from = found[0]
         if self.resume_from:
             kinds = {f.name: f.metadata.get("on_resume") for _, f, _ in leaves(TrainConfig)}
             compare_settings(self.resume_from, settings(cfg, d), dict(kinds, world_size="fixed"),
@@ -454,8 +464,9 @@ class Trainer:
             raise DataError(f"{cfg.data.train_data}: {len(self.train_samples)} records, fewer than "
                             f"one global batch (--batch_size {cfg.optim.batch_size} x --grad_accum "
                             f"{cfg.optim.grad_accum} x {d.world} GPUs)")
+        # every rank reads the prompts (bad data stops them all); rank 0 alone listens
         self.listener = Listener.for_training(cfg.listen, cfg.listen.sample_data or eval_path,
-                                              tokenizer, model_cfg, cfg.seed, self.device) \
+                                              tokenizer, model_cfg, cfg.seed, self.device, d.main) \
             if cfg.listen.sample_every else None
         self.collator = Collator(model_cfg)
 
@@ -524,13 +535,13 @@ class Trainer:
         if step % cfg.run.save_every == 0 or last:
             t0 = time.time()
             folder = save_training_state(self.run, self.d, position, self.model, self.optimizer,
-                                         self.scheduler, settings(cfg, self.d),
-                                         cfg.run.keep_checkpoints)
+                                         self.scheduler, settings(cfg, self.d))
             if folder:
                 size = sum(os.path.getsize(os.path.join(root, f))
                            for root, _, files in os.walk(folder) for f in files)
                 self.run.log(dict(step=step, checkpoint_seconds=time.time() - t0,
                                   checkpoint_mib=size / 2 ** 20))
+                self.run.keep_last(cfg.run.keep_checkpoints)
 
     def evaluate(self, step: int, what: str = "eval") -> dict:
         ev = evaluate(self.model, self.eval_samples, self.collator, self.cfg.optim.batch_size,
@@ -542,7 +553,7 @@ class Trainer:
 
 def speed(seconds: float, positions: float, metrics: dict, flops: float, peak_tflops: float,
           device) -> dict:
-    """Throughput figures of a step (positions and flops over every rank)."""
+    """Throughput figures of a step (positions and flops: rank 0's times the number of ranks)."""
     frames = metrics["num_audio_tokens_per_codebook"][0]
     return dict(step_seconds=seconds, positions_per_s=positions / seconds,
                 audio_seconds_per_s=frames / 25 / seconds,
