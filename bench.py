@@ -183,7 +183,7 @@ def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float, flo
     return statistics.median(times), max(times) / min(times), peak
 
 
-def generation_prompts(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float,
+def synthetic_prompts(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float,
                        seed: int = 0) -> list[Prompt]:
     """Voice-cloning prompts of one length: text, a reference clip as an assistant audio turn,
     text, then <|audio_out_bos|> where generation starts."""
@@ -243,7 +243,7 @@ def bench_generate(args: BenchConfig) -> dict:
         model.audio_decoder_proj.audio_lm_head.weight[cfg.audio_stream_eos_id::rows] = 0
     if args.sample_lora:
         inject_lora(model, args.lora_r, args.lora_alpha)
-    prompts = generation_prompts(cfg, args.batch_size, args.text_tokens, args.ref_seconds)
+    prompts = synthetic_prompts(cfg, args.batch_size, args.text_tokens, args.ref_seconds)
     sampling = Sampling(temperature=0, ras_window=0, max_seconds=args.frames / CODES_FRAME_RATE)
     outputs = []
     dt, spread, peak = time_steps(lambda: outputs.append(generate(model, prompts, sampling,

@@ -72,6 +72,11 @@ def audio_ce_sums(model, flat_hidden: torch.Tensor, batch: Batch) -> torch.Tenso
     return ce.view(-1, K).sum(0)
 
 
+def audio_token_counts(batch: Batch) -> torch.Tensor:
+    """(K,) supervised audio frames per codebook."""
+    return (batch.audio_targets != IGNORE).sum(0).float()
+
+
 def voice_groups(batch: Batch, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat positions, group = 2 * row + is_target) of every sample's reference audio (audio-in
     codes and context audio-out segments) and target audio (trained audio-out segments). An
@@ -88,6 +93,12 @@ def voice_groups(batch: Batch, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
     return batch.audio_index, 2 * (batch.audio_index // L) + is_target.long()
 
 
+def voice_group_sizes(group: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2) reference and target positions per sample, and which samples have both."""
+    sizes = torch.bincount(group, minlength=2 * B).view(B, 2)
+    return sizes, (sizes > 0).all(dim=1)
+
+
 def voice_consistency_sums(hidden: torch.Tensor, batch: Batch, bos: int):
     """Sum over samples of 1 - cos(mean final hidden state over the reference-audio positions,
     mean over the target-audio positions), and the number of samples that have both."""
@@ -95,9 +106,8 @@ def voice_consistency_sums(hidden: torch.Tensor, batch: Batch, bos: int):
     positions, group = voice_groups(batch, bos)
     flat = hidden.reshape(-1, hidden.shape[-1]).float()
     totals = flat.new_zeros(2 * B, flat.shape[1]).index_add(0, group, flat[positions])
-    counts = torch.bincount(group, minlength=2 * B).view(B, 2)
-    means = totals.view(B, 2, -1) / counts.clamp(min=1)[..., None].to(flat.dtype)
-    both = (counts > 0).all(dim=1)
+    sizes, both = voice_group_sizes(group, B)
+    means = totals.view(B, 2, -1) / sizes.clamp(min=1)[..., None].to(flat.dtype)
     cos = F.cosine_similarity(means[:, 0], means[:, 1], dim=-1)
     return ((1 - cos) * both).sum(), both.sum().to(flat.dtype)
 
@@ -131,9 +141,11 @@ class Objective:
     def counts(self, batch: Batch) -> LossSums:
         """Zero sums with the batch's counts: known on the host before any forward."""
         zero = torch.zeros(())
-        voice = voice_consistency_sums(torch.zeros(*batch.input_ids.shape, 1), batch,
-                                       self.cfg.audio_stream_bos_id)[1] if self.voice_weight else zero
-        audio_count = (batch.audio_targets != IGNORE).sum(0).float()
+        voice = zero
+        if self.voice_weight:
+            _, group = voice_groups(batch, self.cfg.audio_stream_bos_id)
+            voice = voice_group_sizes(group, batch.input_ids.shape[0])[1].sum().float()
+        audio_count = audio_token_counts(batch)
         return LossSums(zero, torch.tensor(float(batch.text_targets.numel())),
                         torch.zeros_like(audio_count), audio_count, zero, voice)
 
@@ -145,8 +157,7 @@ class Objective:
         # counts filled on the device: a host-made tensor would make the host wait for the forward
         return LossSums(text_ce_sum(model, flat[batch.text_logit_index], batch.text_targets),
                         flat.new_full((), batch.text_targets.numel(), dtype=torch.float32),
-                        audio_ce_sums(model, flat, batch),
-                        (batch.audio_targets != IGNORE).sum(0).float(), *voice)
+                        audio_ce_sums(model, flat, batch), audio_token_counts(batch), *voice)
 
     def loss(self, sums: LossSums, total: LossSums) -> torch.Tensor:
         """The objective of `sums` (one micro-batch's, for backward, or the step's) divided by

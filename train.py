@@ -429,11 +429,12 @@ class Trainer:
                                                    self.scheduler, d.rank)
             apply_optim_settings(self.optimizer, self.scheduler, cfg.optim)
             self.log(f"resumed from {self.resume_from} at step {self.position['step']}")
+        config = settings(cfg, d)
         if d.main:
-            run.write_config(settings(cfg, d))
+            run.write_config(config)
         if self.resume_from:
             run.cut_back(self.position["step"], self.log)
-        run.open_metrics(self.position["step"], cfg.run.loggers(), settings(cfg, d))
+        run.open_metrics(self.position["step"], cfg.run.loggers(), config)
 
     def load_data(self) -> None:
         """Settings, data and prompts, all checked before any weights are read."""
