@@ -17,7 +17,8 @@ versions and host CPU that produced them.
 
 Generation (bench_generate): greedy voice cloning of --batch_size prompts (text, a --ref_seconds
 reference clip, text) for --frames frames each; the last line is JSON with ms_per_frame and
-audio_seconds_per_s over whole generate calls (prefill included), and compile_seconds; with
+audio_seconds_per_s over whole generate calls (prefill included), prefill_seconds and the
+decode_ms_per_frame that leaves, and compile_seconds; with
 --baseline also transformers' HiggsAudioV2ForConditionalGeneration.generate on the same weights
 and prompts (baseline_ms_per_frame, generate_speedup).
 """
@@ -41,7 +42,7 @@ from collate import Collator
 from device import init_distributed, local_rank
 from lora import count_parameters, inject_lora
 from loss import Objective
-from model import HiggsAudioModel, HiggsConfig, init_weights
+from model import HiggsAudioModel, HiggsConfig, KVCache, fuse_projections, init_weights
 from train import H100_BF16_TFLOPS, data_parallel, step_flops
 
 
@@ -243,6 +244,7 @@ def bench_generate(args: BenchConfig) -> dict:
         model.audio_decoder_proj.audio_lm_head.weight[cfg.audio_stream_eos_id::rows] = 0
     if args.sample_lora:
         inject_lora(model, args.lora_r, args.lora_alpha)
+    fuse_projections(model)  # as generate.py does (not the adapter's linears)
     prompts = synthetic_prompts(cfg, args.batch_size, args.text_tokens, args.ref_seconds)
     sampling = Sampling(temperature=0, ras_window=0, max_seconds=args.frames / CODES_FRAME_RATE)
     outputs = []
@@ -250,6 +252,11 @@ def bench_generate(args: BenchConfig) -> dict:
                                                                   decode=args.decode)),
                                   args.warmup, args.steps, device)
     streams = torch.stack([g.stream for g in outputs[-1]])
+    batch = Collator(cfg)([p.sample for p in prompts]).to(device)
+    with torch.no_grad():  # generate's prefill alone: its share of each call
+        prefill_dt, _, _ = time_steps(lambda: model.forward_cached(
+            model.embed(batch), batch.position_ids, batch.audio_mask, batch.attention_mask,
+            KVCache(len(model.layers))), args.warmup, args.steps, device)
     assert streams.shape[2] == args.frames + 1, "a stream ended early"
     step = getattr(model, "decode_step_cache", None)  # None: --decode dynamic
     audio_seconds = args.batch_size * args.frames / CODES_FRAME_RATE  # per generate call
@@ -259,6 +266,7 @@ def bench_generate(args: BenchConfig) -> dict:
         decode=step.mode if step else args.decode, batch_size=args.batch_size, frames=args.frames,
         prompt_positions=int(Collator(cfg)([prompts[0].sample]).attention_mask.sum()),
         sample_lora=args.sample_lora, seconds=dt, ms_per_frame=dt / args.frames * 1e3,
+        prefill_seconds=prefill_dt, decode_ms_per_frame=(dt - prefill_dt) / args.frames * 1e3,
         audio_seconds_per_s=audio_seconds / dt,
         compile_seconds=step.build_seconds if step else 0.0,
         time_spread=spread, peak_gib=peak, **environment())

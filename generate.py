@@ -40,7 +40,7 @@ from device import resolve_device
 from formats import load_records
 from health import AsrScorer, SpeakerScorer, describe, health
 from lora import load_adapter
-from model import KVCache, StaticKVCache
+from model import KVCache, StaticKVCache, fuse_projections
 
 GENERATION_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
 
@@ -168,7 +168,7 @@ def draw(scores: torch.Tensor, generator) -> torch.Tensor:
                              generator=generator).view(probs.shape[:-1])
 
 
-# Frames between the fast loop's checks that every row has ended: each check waits for the device
+# Frames between the fast loop's looks at whether every row has ended
 CHECK_EVERY = 8
 # How the fixed-shape decode step runs on CUDA: "compile" (torch.compile mode reduce-overhead:
 # fused kernels, replayed as CUDA graphs) or "cuda_graph" (the eager step captured as one graph)
@@ -183,9 +183,9 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
     "eager", "compile" or "cuda_graph" (DecodeStep: the model's fixed-shape step over a static
     cache; "auto" is CUDA_DECODE on CUDA, eager elsewhere), or "dynamic" (forward_cached with a
     cache grown by torch.cat, the static cache's reference). use_cache=False recomputes the whole
-    prefix every step (the cache's reference). The fixed-shape loop waits for the device only to
-    look whether all rows have ended, every CHECK_EVERY frames; frames past a row's end leave it
-    as it was."""
+    prefix every step (the cache's reference). The loop never waits for the device: every
+    CHECK_EVERY frames it looks whether all rows have ended and reads the answer of the look
+    before (LaggedFlag); frames past a row's end leave it as it was."""
     cfg = model.cfg
     K, bos, eos = cfg.audio_num_codebooks, cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
     device = model.norm.weight.device
@@ -212,8 +212,10 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
     remaining = torch.full((B,), -1, dtype=torch.long, device=device)  # EOS countdown; -1 = none
     active = torch.ones(B, dtype=torch.bool, device=device)
     lengths = torch.ones(B, dtype=torch.long, device=device)  # columns of each row's stream
-    k = torch.arange(K, device=device)
     start = batch.attention_mask.sum(1)
+    # with a compiled step the bookkeeping is compiled too: fused kernels, not twenty small ones
+    delay = compiled_delay_pattern if getattr(step, "mode", "eager") != "eager" else delay_pattern
+    all_ended = LaggedFlag(device)
     for t in range(n_frames):
         logits = step(frame, start + t, active)  # (B, K, rows)
         new = pick(logits, s, generator)
@@ -221,18 +223,8 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
         if s.ras_window > 0:
             repeats = (recent == new[:, None]).sum(1)
             new = torch.where(repeats >= s.ras_max_repeat, draw(logits, generator), new)
-        if cfg.use_delay_pattern:  # _sample_audio_tokens of the official model
-            new = torch.where(k > n_delay[:, None], bos, new)
-            counting = remaining >= 0
-            new = torch.where(counting[:, None] & (k < K - remaining[:, None]), eos, new)
-            is_eos = new == eos
-            first = is_eos.long().argmax(1)
-            begins = ~counting & is_eos.any(1)
-            new = torch.where(begins[:, None] & (k < first[:, None]), eos, new)
-            remaining = torch.where(counting, remaining - 1, torch.where(begins, K - 1 - first,
-                                                                         remaining))
-            n_delay = (n_delay + 1).clamp(max=K - 1)
-            ending = remaining == 0
+        if cfg.use_delay_pattern:
+            new, n_delay, remaining, ending = delay(new, n_delay, remaining, bos, eos)
         else:  # the official loop never ends a stream without the delay pattern; this does
             ending = (new == eos).any(1)
             new = torch.where(ending[:, None], eos, new)
@@ -240,11 +232,56 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
         stream.append(frame)
         lengths = torch.where(active, len(stream), lengths)
         active = active & ~ending
-        if (t + 1) % check_every == 0 and not active.any():
+        if (t + 1) % check_every == 0 and all_ended(~active.any()):
             break
     stream, lengths, ended = torch.stack(stream, 2).cpu(), lengths.tolist(), (~active).tolist()
     return [Generated(stream[b, :, :lengths[b]], revert(stream[b, :, :lengths[b]], cfg), ended[b])
             for b in range(B)]
+
+
+def delay_pattern(new, n_delay, remaining, bos: int, eos: int):
+    """The official _sample_audio_tokens on a frame of choices `new` (B, K): codebook k stays BOS
+    until the row's k-th frame; once one codebook says EOS, that and the codebooks before it
+    say EOS, and each later one follows a frame later. n_delay counts the frames begun (up to
+    K-1), remaining the frames left of a row's EOS run (-1: none yet). Returns the frame, the
+    new n_delay and remaining, and the rows that end with it."""
+    K = new.shape[1]
+    k = torch.arange(K, device=new.device)
+    new = torch.where(k > n_delay[:, None], bos, new)
+    counting = remaining >= 0
+    new = torch.where(counting[:, None] & (k < K - remaining[:, None]), eos, new)
+    is_eos = new == eos
+    first = is_eos.long().argmax(1)
+    begins = ~counting & is_eos.any(1)
+    new = torch.where(begins[:, None] & (k < first[:, None]), eos, new)
+    remaining = torch.where(counting, remaining - 1, torch.where(begins, K - 1 - first, remaining))
+    return new, (n_delay + 1).clamp(max=K - 1), remaining, remaining == 0
+
+
+compiled_delay_pattern = torch.compile(delay_pattern, dynamic=False)
+
+
+class LaggedFlag:
+    """A device bool read on the host without waiting for the device (which would idle while
+    the host queued the next frame): a look returns the value of the last copy that has
+    arrived, and starts a new copy once it has; False until the first arrives. So the loop runs
+    past the end by as many check windows as the host is ahead of the device (one or two while
+    the device is busy). On the CPU it answers at once."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.copied = torch.cuda.Event() if self.cuda else None
+
+    def __call__(self, value: torch.Tensor) -> bool:
+        if not self.cuda:
+            return bool(value)
+        if not self.copied.query():  # the last copy is still on its way
+            return False
+        last = bool(self.host)
+        self.host.copy_(value, non_blocking=True)
+        self.copied.record()
+        return last
 
 
 def growing_step(model, prompt: tuple, use_cache: bool):
@@ -561,6 +598,7 @@ def main(argv=None) -> int:
         model = checkpoint.load(cfg.model, device, dtype)
         if cfg.adapter:
             load_adapter(model, cfg.adapter)
+        fuse_projections(model)
         listener = Listener(cfg.sampling, device, cfg.tokenizer, cfg.asr_model, cfg.speaker_model)
         prompts, out_dir, names = generation_prompts(cfg, tokenizer, model.cfg,
                                                      listener.audio_tokenizer)

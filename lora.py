@@ -128,6 +128,7 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: flo
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, LoRALinear(module, r, alpha, dropout))
+            parent.__dict__.pop("project", None)  # a fused projection would skip the adapter
             wrapped.append(name)
     if not wrapped:
         raise DataError(f"--lora_targets {targets!r} matched no linear layer; named groups are "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -524,3 +525,32 @@ def build_model(cfg: HiggsConfig, device="cpu", dtype=torch.float32, seed: int =
         model = HiggsAudioModel(cfg)
         init_weights(model)
     return model.to(device=device, dtype=dtype)
+
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> int:
+    """Inference layout (generate.py, bench.py --generate): the sibling linears of each Attention
+    (q/k/v) and MLP (gate/up) become row blocks of one weight tensor, and `project` runs one GEMM
+    where it ran three or two. A decode GEMM of a few rows is bound by reading its weights, and a
+    larger one reads them faster (README, Performance). Names, shapes and values stay as they
+    were and no memory is added, but the parameters are new objects over the fused storage: an
+    optimizer made before, or a model.to() after, would not see it. Linears with an adapter keep
+    their own path (lora.inject_lora also undoes the fusion of the modules it wraps). Returns
+    the groups fused."""
+    groups = 0
+    for module in model.modules():
+        linears = [getattr(module, n) for n in getattr(module, "projections", ())]
+        if not linears or not all(type(m) is nn.Linear and m.bias is None for m in linears):
+            continue
+        fused = torch.cat([m.weight for m in linears])
+        sizes = [m.out_features for m in linears]
+        for m, rows in zip(linears, fused.split(sizes)):
+            m.weight = nn.Parameter(rows, requires_grad=m.weight.requires_grad)
+        module.project = partial(fused_project, weight=fused, sizes=sizes)
+        groups += 1
+    return groups
+
+
+def fused_project(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return F.linear(x, weight).split(sizes, dim=-1)

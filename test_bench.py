@@ -22,5 +22,7 @@ def test_bench_generate_cpu_tiny_reports_consistent_fields_and_matches_transform
     # text, <|audio_out_bos|>
     assert r["prompt_positions"] == 40 + 1 + (200 + 2 + 7) + 1 + 40 + 1
     assert r["compile_seconds"] >= 0
+    assert 0 < r["prefill_seconds"] < r["seconds"]
+    assert r["decode_ms_per_frame"] == pytest.approx((r["seconds"] - r["prefill_seconds"]) / 20 * 1e3)
     assert r["generate_speedup"] == pytest.approx(r["baseline_ms_per_frame"] / r["ms_per_frame"])
     assert r["baseline_same_codes"]  # transformers' greedy generate picks the same frames
