@@ -239,12 +239,35 @@ def report(work: str) -> dict:
             abs(evals[m][k] - evals["eval_adapter"][k]) for m in evals if m != "eval_adapter"
             for k in ("text_loss", "audio_loss")))
     one_gpu = os.path.join(work, "one_gpu", "metrics.jsonl")
-    if os.path.isfile(one_gpu):  # the same per-GPU batch on one GPU and on all of them
+    if os.path.isfile(one_gpu):
         world = json.load(open(os.path.join(work, "run", "config.json")))["world_size"]
-        alone = steady(rows(one_gpu), "positions_per_s")
-        out.update(world_size=world, one_gpu_positions_per_s=alone,
-                   scaling_efficiency=out["positions_per_s"] / world / alone)
+        out.update(world_size=world, **against_one_gpu(run, rows(one_gpu), world,
+                                                       stages["resume"]["start"]))
     return out
+
+
+def against_one_gpu(run_rows: list[dict], one_gpu_rows: list[dict], world: int,
+                    resumed: float) -> dict:
+    """The run on `world` GPUs against one GPU stepping through the same global batches (its
+    micro-batches in turn): scaling efficiency, one GPU's step time over `world` times the run's,
+    summed over the steps that are steady in both (not the first two of any process); and the
+    largest difference of their step losses, which should be bf16 noise."""
+    def steps(rows):
+        return {r["step"]: r for r in rows if "loss" in r}
+
+    def steady_steps(rows):
+        return set(sorted(steps(rows))[2:])
+    alone, mine = steps(one_gpu_rows), steps(run_rows)
+    before = [r for r in run_rows if r.get("time", 0) <= resumed]
+    after = [r for r in run_rows if r.get("time", 0) > resumed]
+    timed = sorted(steady_steps(one_gpu_rows) & (steady_steps(before) | steady_steps(after)))
+    common = sorted(alone.keys() & mine.keys())
+    return dict(
+        scaling_steps=len(timed),
+        scaling_efficiency=sum(alone[s]["step_seconds"] for s in timed)
+        / (world * sum(mine[s]["step_seconds"] for s in timed)) if timed else None,
+        loss_max_abs_diff_to_one_gpu=max(abs(mine[s]["loss"] - alone[s]["loss"]) for s in common)
+        if common else None)
 
 
 def main(argv: list[str]) -> int:

@@ -32,8 +32,9 @@ RUN+=(${DEVICE[@]+"${DEVICE[@]}"} --model "$WORK/model" --train_data "$WORK/data
 stage assets -- python3 rehearse.py assets "$WORK" ${SIZE[@]+"${SIZE[@]}"}
 stage prepare -- bash -c "python3 data.py prepare $WORK/data/train --tokenizer $WORK/audio_tokenizer \
   && python3 data.py prepare $WORK/data/eval --tokenizer $WORK/audio_tokenizer"
-if [[ "$NGPU" -gt 1 ]]; then  # the same per-GPU batch on one GPU: the scaling reference
-  stage one_gpu -- env NGPU=1 bash launch.sh "${RUN[@]}" --max_steps 8 --eval_data "" \
+if [[ "$NGPU" -gt 1 ]]; then  # the reference: the same global batches on one GPU, whose
+  # micro-batches (of the same size as on each GPU) run in turn; scaling and losses compare to it
+  stage one_gpu -- env NGPU=1 bash launch.sh "${RUN[@]}" --grad_accum "$NGPU" --eval_data "" \
     --output_dir "$WORK/one_gpu"
 fi
 stage train --kill_when "$WORK/run/checkpoints/step_$(printf %08d "$SAVED")/COMPLETE" -- \

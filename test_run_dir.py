@@ -324,7 +324,8 @@ def test_the_node_rehearsal_runs_every_stage_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_the_rehearsal_kill_takes_down_every_torchrun_worker(tmp_path, tiny_ckpt):
     """rehearse.py stage --kill_when kills torchrun and its workers (in sessions of their own):
-    the folder's lock is free at once, and the run resumes to its end."""
+    the folder's lock is free at once, and the run resumes to its end; then the report's
+    comparison with one process stepping through the same global batches (--grad_accum 2)."""
     import rehearse
 
     run = tmp_path / "run"
@@ -342,3 +343,13 @@ def test_the_rehearsal_kill_takes_down_every_torchrun_worker(tmp_path, tiny_ckpt
     holder.claim(resume=True, overwrite=False)  # would raise if a worker still held the lock
     holder.release()
     assert complete_checkpoints(str(run))[-1][0] < 6
+    resumed = time.time()
+    assert rehearse.stage(str(tmp_path), "resume", torchrun + flags + ["--resume"]) == 0
+    one = tmp_path / "one"
+    alone = flags[:-1] + [str(one), "--grad_accum", "2"]
+    assert rehearse.stage(str(tmp_path), "one", [sys.executable, os.path.join(ROOT, "train.py")]
+                          + alone) == 0
+    rows = lambda path: rehearse.rows(str(path / "metrics.jsonl"))  # noqa: E731
+    got = rehearse.against_one_gpu(rows(run), rows(one), 2, resumed)
+    assert got["scaling_steps"] >= 2 and got["scaling_efficiency"] > 0
+    assert got["loss_max_abs_diff_to_one_gpu"] < 1e-4  # fp32: the same batches, the same losses
