@@ -36,7 +36,7 @@ import torch
 from audio import CODES_FRAME_RATE
 from chatml import AudioSegment, Sample
 from checkpoint import transformers_config, transformers_name
-from generate import Prompt, Sampling, generate
+from generate import Prompt, Sampling, generate, prompt_inputs
 from cli import option, parse
 from collate import Collator
 from device import init_distributed, local_rank
@@ -255,8 +255,8 @@ def bench_generate(args: BenchConfig) -> dict:
     batch = Collator(cfg)([p.sample for p in prompts]).to(device)
     with torch.no_grad():  # generate's prefill alone: its share of each call
         prefill_dt, _, _ = time_steps(lambda: model.forward_cached(
-            model.embed(batch), batch.position_ids, batch.audio_mask, batch.attention_mask,
-            KVCache(len(model.layers))), args.warmup, args.steps, device)
+            *prompt_inputs(model, batch), KVCache(len(model.layers))), args.warmup, args.steps,
+            device)
     assert streams.shape[2] == args.frames + 1, "a stream ended early"
     step = getattr(model, "decode_step_cache", None)  # None: --decode dynamic
     audio_seconds = args.batch_size * args.frames / CODES_FRAME_RATE  # per generate call

@@ -191,7 +191,7 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
     device = model.norm.weight.device
     batch = Collator(cfg)([p.sample for p in prompts]).to(device)
     B = len(prompts)
-    prompt = (model.embed(batch), batch.position_ids, batch.audio_mask, batch.attention_mask)
+    prompt = prompt_inputs(model, batch)
     n_frames = round(s.max_seconds * CODES_FRAME_RATE)
     if use_cache and decode != "dynamic":
         step, check_every = fixed_step(model, prompt, n_frames, decode), CHECK_EVERY
@@ -237,6 +237,12 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
     stream, lengths, ended = torch.stack(stream, 2).cpu(), lengths.tolist(), (~active).tolist()
     return [Generated(stream[b, :, :lengths[b]], revert(stream[b, :, :lengths[b]], cfg), ended[b])
             for b in range(B)]
+
+
+def prompt_inputs(model, batch) -> tuple:
+    """forward_cached's inputs for a collated batch of prompts (the prefill): embeddings,
+    positions, audio and padding masks."""
+    return model.embed(batch), batch.position_ids, batch.audio_mask, batch.attention_mask
 
 
 def delay_pattern(new, n_delay, remaining, bos: int, eos: int):

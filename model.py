@@ -527,7 +527,6 @@ def build_model(cfg: HiggsConfig, device="cpu", dtype=torch.float32, seed: int =
     return model.to(device=device, dtype=dtype)
 
 
-
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
     """Inference layout (generate.py, bench.py --generate): the sibling linears of each Attention

@@ -260,8 +260,8 @@ def against_one_gpu(run_rows: list[dict], one_gpu_rows: list[dict], world: int,
     alone, mine = steps(one_gpu_rows), steps(run_rows)
     before = [r for r in run_rows if r.get("time", 0) <= resumed]
     after = [r for r in run_rows if r.get("time", 0) > resumed]
-    timed = sorted(steady_steps(one_gpu_rows) & (steady_steps(before) | steady_steps(after)))
-    common = sorted(alone.keys() & mine.keys())
+    timed = steady_steps(one_gpu_rows) & (steady_steps(before) | steady_steps(after))
+    common = alone.keys() & mine.keys()
     return dict(
         scaling_steps=len(timed),
         scaling_efficiency=sum(alone[s]["step_seconds"] for s in timed)

@@ -74,7 +74,7 @@ def test_cached_forward_equals_the_training_forward(case, golden_records):
     batch = Collator(model.cfg)(samples)
     with torch.no_grad():
         want = model(batch)[batch.attention_mask]
-        inputs = (model.embed(batch), batch.position_ids, batch.audio_mask, batch.attention_mask)
+        inputs = gen.prompt_inputs(model, batch)
         one = model.forward_cached(*inputs, KVCache(len(model.layers)))
         cache, cut = KVCache(len(model.layers)), batch.input_ids.shape[1] // 2
         two = torch.cat([model.forward_cached(*(x[:, :cut] for x in inputs), cache),
