@@ -287,6 +287,11 @@ def data_parallel(model, objective: Objective, device, world: int) -> torch.nn.M
     # still, but its gradients part from one process's: test_train's gloo run fails with it.)
     tower = any(p.requires_grad for n, p in model.named_parameters()
                 if n.startswith(("audio_tower.", "audio_encoder_proj.")))
+    # Dynamo would split each compiled layer at DDP's bucket edges, and that split fails on a
+    # layer compiled for dynamic shapes once a layer's gradients pass the 1 MB first bucket (the
+    # released shape). Layers are compiled one by one, so each layer's gradients reach DDP as its
+    # backward ends and the all-reduce overlaps the layers below without the split.
+    torch._dynamo.config.optimize_ddp = False
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=tower, broadcast_buffers=False,
