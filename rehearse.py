@@ -249,9 +249,11 @@ def report(work: str) -> dict:
 def against_one_gpu(run_rows: list[dict], one_gpu_rows: list[dict], world: int,
                     resumed: float) -> dict:
     """The run on `world` GPUs against one GPU stepping through the same global batches (its
-    micro-batches in turn): scaling efficiency, one GPU's step time over `world` times the run's,
-    summed over the steps that are steady in both (not the first two of any process); and the
-    largest difference of their step losses, which should be bf16 noise."""
+    micro-batches in turn): scaling efficiency, the median over the steps steady in both (not
+    the first two of any process) of one GPU's step time over `world` times the run's (a median,
+    so a step that recompiles for a new length in one run alone does not decide it); and the
+    largest difference of their step losses, which on a GPU is within the spread of two runs of
+    the same command (bf16 and atomic adds differ run to run)."""
     def steps(rows):
         return {r["step"]: r for r in rows if "loss" in r}
 
@@ -264,8 +266,9 @@ def against_one_gpu(run_rows: list[dict], one_gpu_rows: list[dict], world: int,
     common = alone.keys() & mine.keys()
     return dict(
         scaling_steps=len(timed),
-        scaling_efficiency=sum(alone[s]["step_seconds"] for s in timed)
-        / (world * sum(mine[s]["step_seconds"] for s in timed)) if timed else None,
+        scaling_efficiency=statistics.median(
+            alone[s]["step_seconds"] / (world * mine[s]["step_seconds"]) for s in timed)
+        if timed else None,
         loss_max_abs_diff_to_one_gpu=max(abs(mine[s]["loss"] - alone[s]["loss"]) for s in common)
         if common else None)
 

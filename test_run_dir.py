@@ -353,3 +353,17 @@ def test_the_rehearsal_kill_takes_down_every_torchrun_worker(tmp_path, tiny_ckpt
     got = rehearse.against_one_gpu(rows(run), rows(one), 2, resumed)
     assert got["scaling_steps"] >= 2 and got["scaling_efficiency"] > 0
     assert got["loss_max_abs_diff_to_one_gpu"] < 1e-4  # fp32: the same batches, the same losses
+
+
+def test_rehearsal_scaling_is_not_decided_by_one_slow_step():
+    """A step that recompiles in one run alone (here the reference's step 4) must not turn half
+    speed into full scaling: the efficiency is a median of per-step ratios."""
+    import rehearse
+
+    def run(seconds):
+        return [dict(step=s, loss=1.0, step_seconds=t, time=float(s)) for s, t in seconds.items()]
+    two_gpus = run({s: 0.3 for s in range(1, 9)})
+    one_gpu = run({s: 30.0 if s == 4 else 0.3 for s in range(1, 9)})
+    got = rehearse.against_one_gpu(two_gpus, one_gpu, 2, resumed=100.0)
+    assert got["scaling_steps"] == 6 and got["scaling_efficiency"] == pytest.approx(0.5)
+    assert got["loss_max_abs_diff_to_one_gpu"] == 0
