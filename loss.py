@@ -39,6 +39,9 @@ class LossSums:
     def detach(self) -> "LossSums":
         return LossSums(*(getattr(self, f.name).detach() for f in fields(self)))
 
+    def to(self, device) -> "LossSums":
+        return LossSums(*(getattr(self, f.name).to(device) for f in fields(self)))
+
     def all_reduced(self) -> "LossSums":
         """Summed over every rank, in one collective."""
         parts = [getattr(self, f.name).float().reshape(-1) for f in fields(self)]

@@ -174,9 +174,6 @@ class RunDir:
         self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self.lock_file.flush()
-        if resume and overwrite:
-            raise DataError("--resume continues the run in --output_dir and --overwrite deletes "
-                            "it; give one of them")
         existing = [n for n in RUN_FILES if os.path.exists(os.path.join(self.path, n))]
         if existing and not resume:
             if not overwrite:

@@ -151,6 +151,7 @@ BAD_FLAGS = [  # (argv, words of the one-line error)
     (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
     (["--codebook_weights", "a,b"], "--codebook_weights a,b: must be 8 comma-separated numbers"),
     (["--eval_every", "5", "--eval_data", "", "--train_data", EVAL], "--eval_every 5 needs --eval_data"),
+    (["--resume", "--overwrite"], "--resume continues the run in --output_dir and --overwrite"),
 ]
 
 

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -171,6 +171,10 @@ class TrainConfig:
             return self.data.eval_data
         return os.path.join(DEMO, "eval.jsonl")
 
+    def global_batch(self, world: int) -> int:
+        """Samples per optimizer step over every rank."""
+        return self.optim.batch_size * self.optim.grad_accum * world
+
     def check(self) -> None:
         """Flags that only make sense together (bounds are checked when parsing)."""
         if self.run.eval_every and not self.eval_path():
@@ -185,6 +189,9 @@ class TrainConfig:
                             "continue a run with --resume)")
         if self.eval_only and not self.eval_path():
             raise DataError("--eval_only needs --eval_data FILE")
+        if self.run.resume and self.run.overwrite:
+            raise DataError("--resume continues the run in --output_dir and --overwrite deletes "
+                            "it; give one of them")
         check_loggers(self.run.loggers())
 
 
@@ -192,7 +199,8 @@ class TrainConfig:
 # Data
 
 
-def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig, training: bool = True) -> list:
+def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig, training: bool = True,
+                 main: bool = True) -> list:
     """Samples of a data file or folder, validated as `python data.py check` does: an invalid
     record stops the run with every reason listed, or with --skip_invalid is dropped and listed
     in OUT/skipped_records.jsonl. Training data must have trained assistant audio."""
@@ -202,7 +210,7 @@ def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig, training: bo
         raise DataError(invalid_summary(path, invalid, len(samples) + len(invalid)) +
                         "\nfix them (`python data.py check` reports them all), or pass "
                         "--skip_invalid to train without them")
-    if invalid and int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the list
+    if invalid and main:  # rank 0 writes the list
         write_skipped(cfg.run.output_dir, path, invalid)
     if not samples:
         raise DataError(f"{path}: no valid records")
@@ -237,7 +245,7 @@ def step_batches(samples, collator, cfg: TrainConfig, d: Dist, epoch: int, start
     step `start` of `epoch` on, epoch after epoch; background processes collate ahead."""
     from torch.utils.data import DataLoader
 
-    global_batch = cfg.optim.batch_size * cfg.optim.grad_accum * d.world
+    global_batch = cfg.global_batch(d.world)
     lengths = [expanded_length(s, collator.cfg) for s in samples] if cfg.data.group_by_length else None
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else (2 if pin else 0)
     while True:
@@ -343,7 +351,7 @@ def forward_backward(module, objective: Objective, cpu_batches: list, d: Dist, d
     step's global token counts, so the gradient does not depend on how the step is split.
     Returns this rank's loss sums (the backward may still be running on the GPU)."""
     counts = sum((objective.counts(b) for b in cpu_batches[1:]), objective.counts(cpu_batches[0]))
-    counts = LossSums(*(t.to(device) for t in vars(counts).values()))
+    counts = counts.to(device)
     if d.world > 1:
         counts = counts.all_reduced()
     sums = None
@@ -401,18 +409,27 @@ def evaluate(model, samples: list, collator: Collator, batch_size: int, device, 
 # Training
 
 
-def train(cfg: TrainConfig) -> dict:
+@contextmanager
+def started(cfg: TrainConfig):
+    """Flags checked, then (Dist, device, dtype); the process group is closed however it ends."""
     cfg.check()
     device, dtype = resolve_device(cfg.speed.device, cfg.speed.dtype, local_rank())
     d = init_distributed(device)
-    run = RunDir(cfg.run.output_dir, d.main)
     try:
-        run.claim(resume=bool(cfg.run.resume), overwrite=cfg.run.overwrite)
-        return Trainer(cfg, d, device, dtype, run).fit()
+        yield d, device, dtype
     finally:
-        run.release()
         if d.world > 1:
             dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig) -> dict:
+    with started(cfg) as (d, device, dtype):
+        run = RunDir(cfg.run.output_dir, d.main)
+        try:
+            run.claim(resume=bool(cfg.run.resume), overwrite=cfg.run.overwrite)
+            return Trainer(cfg, d, device, dtype, run).fit()
+        finally:
+            run.release()
 
 
 class Trainer:
@@ -422,6 +439,8 @@ class Trainer:
         self.cfg, self.d, self.device, self.run = cfg, d, device, run
         self.log = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
         self.amp = partial(autocast, device, dtype)
+        self.peak_tflops = cfg.speed.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda"
+                                                     else 0.0)
         self.load_data()
         self.model = checkpoint.load(cfg.model, device, dtype, cfg.seed)
         self.params = add_lora(self.model, cfg)
@@ -438,12 +457,11 @@ class Trainer:
                                                    self.scheduler, d.rank)
             apply_optim_settings(self.optimizer, self.scheduler, cfg.optim)
             self.log(f"resumed from {self.resume_from} at step {self.position['step']}")
-        config = settings(cfg, d)
         if d.main:
-            run.write_config(config)
+            run.write_config(self.settings)
         if self.resume_from:
             run.cut_back(self.position["step"], self.log)
-        run.open_metrics(self.position["step"], cfg.run.loggers(), config)
+        run.open_metrics(self.position["step"], cfg.run.loggers(), self.settings)
 
     def load_data(self) -> None:
         """Settings, data and prompts, all checked before any weights are read."""
@@ -454,6 +472,7 @@ class Trainer:
                                    parse_codebook_weights(c.codebook_weights,
                                                           model_cfg.audio_num_codebooks),
                                    c.voice_consistency_weight)
+        self.settings = settings(cfg, d)
         # rank 0 decides, so every rank resumes from the same step (--output_dir is shared)
         found = [resume_checkpoint(cfg.run.resume, cfg.run.output_dir) if d.main else None]
         if d.world > 1:
@@ -461,15 +480,17 @@ class Trainer:
         self.resume_from = found[0]
         if self.resume_from:
             kinds = {f.name: f.metadata.get("on_resume") for _, f, _ in leaves(TrainConfig)}
-            compare_settings(self.resume_from, settings(cfg, d), dict(kinds, world_size="fixed"),
+            compare_settings(self.resume_from, self.settings, dict(kinds, world_size="fixed"),
                              self.log)
         elif cfg.run.resume:
             self.log("--resume: no complete checkpoint found, starting fresh")
-        self.train_samples = load_samples(cfg.data.train_data, tokenizer, model_cfg, cfg)
+        self.train_samples = load_samples(cfg.data.train_data, tokenizer, model_cfg, cfg,
+                                          main=d.main)
         eval_path = cfg.eval_path()
-        self.eval_samples = load_samples(eval_path, tokenizer, model_cfg, cfg, training=False) \
+        self.eval_samples = load_samples(eval_path, tokenizer, model_cfg, cfg, training=False,
+                                         main=d.main) \
             if eval_path else []
-        global_batch = cfg.optim.batch_size * cfg.optim.grad_accum * d.world
+        global_batch = cfg.global_batch(d.world)
         if len(self.train_samples) < global_batch:
             raise DataError(f"{cfg.data.train_data}: {len(self.train_samples)} records, fewer than "
                             f"one global batch (--batch_size {cfg.optim.batch_size} x --grad_accum "
@@ -498,7 +519,6 @@ class Trainer:
             row.update({f"eval_{k}": v for k, v in self.evaluate(step, "final eval").items()})
         if self.d.main:
             save_adapter(self.model, os.path.join(self.run.path, "adapter"), base_model=cfg.model)
-            self.run.release()
             plot_metrics(self.run.path)
             self.log(f"adapter written to {os.path.join(self.run.path, 'adapter')}")
         return row
@@ -526,10 +546,9 @@ class Trainer:
         self.scheduler.step()
         if self.bad_steps >= cfg.optim.max_bad_steps:
             raise SystemExit(f"stopping: {self.bad_steps} consecutive non-finite steps")
-        peak = cfg.speed.peak_tflops or (H100_BF16_TFLOPS if self.device.type == "cuda" else 0.0)
         return dict(metrics, lr=lr, grad_norm=float(grad_norm),
-                    **speed(time.time() - t0, positions, metrics, flops * self.d.world,
-                            peak * self.d.world, self.device))
+                    **speed(time.time() - t0, positions, metrics, flops, self.peak_tflops,
+                            self.device))
 
     def side_work(self, step: int, position: dict) -> None:
         """Evaluation, listening and checkpoints, each when due."""
@@ -545,7 +564,7 @@ class Trainer:
         if step % cfg.run.save_every == 0 or last:
             t0 = time.time()
             folder = save_training_state(self.run, self.d, position, self.model, self.optimizer,
-                                         self.scheduler, settings(cfg, self.d))
+                                         self.scheduler, self.settings)
             if folder:
                 size = sum(os.path.getsize(os.path.join(root, f))
                            for root, _, files in os.walk(folder) for f in files)
@@ -563,7 +582,8 @@ class Trainer:
 
 def speed(seconds: float, positions: float, metrics: dict, flops: float, peak_tflops: float,
           device) -> dict:
-    """Throughput figures of a step (positions and flops: rank 0's times the number of ranks)."""
+    """Throughput figures of a step (positions: rank 0's times the number of ranks; flops and
+    peak: one rank's, as MFU is the same on every rank)."""
     frames = metrics["num_audio_tokens_per_codebook"][0]
     return dict(step_seconds=seconds, positions_per_s=positions / seconds,
                 audio_seconds_per_s=frames / 25 / seconds,
@@ -588,26 +608,23 @@ def progress_line(m: dict, max_steps: int, eta: float) -> str:
 
 
 def evaluate_only(cfg: TrainConfig) -> dict:
-    cfg.check()
-    device, dtype = resolve_device(cfg.speed.device, cfg.speed.dtype, local_rank())
-    d = init_distributed(device)
-    tokenizer, model_cfg = checkpoint.model_spec(cfg.model)  # data is validated before the GPU
-    samples = load_samples(cfg.eval_path(), tokenizer, model_cfg, cfg, training=False)
-    model = checkpoint.load(cfg.model, device, dtype, cfg.seed)
-    if cfg.adapter:
-        load_adapter(model, cfg.adapter)
-    t0 = time.time()
-    metrics = evaluate(model, samples, Collator(model.cfg), cfg.optim.batch_size, device, d,
-                       partial(autocast, device, dtype))
-    metrics.update(num_samples=len(samples), seconds=round(time.time() - t0, 3))
-    if d.main:
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.run.output_dir, "eval.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        print(json.dumps(metrics))
-    if d.world > 1:
-        dist.destroy_process_group()
-    return metrics
+    with started(cfg) as (d, device, dtype):
+        tokenizer, model_cfg = checkpoint.model_spec(cfg.model)  # data is validated before the GPU
+        samples = load_samples(cfg.eval_path(), tokenizer, model_cfg, cfg, training=False,
+                               main=d.main)
+        model = checkpoint.load(cfg.model, device, dtype, cfg.seed)
+        if cfg.adapter:
+            load_adapter(model, cfg.adapter)
+        t0 = time.time()
+        metrics = evaluate(model, samples, Collator(model.cfg), cfg.optim.batch_size, device, d,
+                           partial(autocast, device, dtype))
+        metrics.update(num_samples=len(samples), seconds=round(time.time() - t0, 3))
+        if d.main:
+            os.makedirs(cfg.run.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.run.output_dir, "eval.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            print(json.dumps(metrics))
+        return metrics
 
 
 def main(argv=None) -> int:
