@@ -39,10 +39,10 @@ from checkpoint import transformers_config, transformers_name
 from generate import Prompt, Sampling, generate, prompt_inputs
 from cli import option, parse
 from collate import Collator
-from device import init_distributed, local_rank
+from device import autocast, init_distributed, local_rank, resolve_device
 from lora import count_parameters, inject_lora
 from loss import Objective
-from model import HiggsAudioModel, HiggsConfig, KVCache, fuse_projections, init_weights
+from model import HiggsAudioModel, HiggsConfig, KVCache, fuse_projections, random_model
 from train import H100_BF16_TFLOPS, data_parallel, step_flops
 
 
@@ -201,9 +201,17 @@ def synthetic_prompts(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float,
     return prompts
 
 
-def baseline_generator(model: HiggsAudioModel, prompts: list[Prompt], frames: int):
+def zero_eos_rows(model: HiggsAudioModel) -> HiggsAudioModel:
+    """The audio head can no longer prefer stream EOS: greedy streams run to the frame limit."""
+    with torch.no_grad():
+        model.audio_decoder_proj.audio_lm_head.weight[
+            model.cfg.audio_stream_eos_id::model.cfg.codebook_rows] = 0
+    return model
+
+
+def baseline_generator(model: HiggsAudioModel, batch, frames: int):
     """transformers' HiggsAudioV2ForConditionalGeneration with our weights, and a call of its
-    generate on the same prompts: greedy, its own cache, frames + 1 new frames (its first is the
+    generate on the same collated prompts: greedy, its own cache, frames + 1 new frames (its first is the
     all-BOS frame that our loop feeds without a step); returns the new frames (B, K, frames + 1)."""
     from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
@@ -216,7 +224,6 @@ def baseline_generator(model: HiggsAudioModel, prompts: list[Prompt], frames: in
     base.load_state_dict({transformers_name(k): v for k, v in model.state_dict().items()
                           if "text_lm_head" not in k and "lora_" not in k})
     base.eval()
-    batch = Collator(cfg)([p.sample for p in prompts]).to(weight.device)
     inputs = baseline_inputs(batch, cfg)
     n = int(batch.attention_mask.sum(1).max())  # the collator's round-up padding: cut
     inputs = dict(input_ids=inputs["input_ids"][:, :n],
@@ -235,13 +242,9 @@ def bench_generate(args: BenchConfig) -> dict:
     """Generation benchmark at a preset's shape (random weights, stream-EOS rows of the audio
     head zeroed so that every stream runs all --frames frames): whole generate calls timed after
     warm-up, the first of which builds (compiles, captures) the decode step."""
-    device = torch.device(args.device)
+    device, dtype = resolve_device(args.device, "auto", local_rank())
     cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_model(cfg, device, dtype).eval()
-    with torch.no_grad():  # stream EOS can never win: every stream runs the full length
-        rows = cfg.codebook_rows
-        model.audio_decoder_proj.audio_lm_head.weight[cfg.audio_stream_eos_id::rows] = 0
+    model = zero_eos_rows(random_model(cfg, device, dtype).eval())
     if args.sample_lora:
         inject_lora(model, args.lora_r, args.lora_alpha)
     fuse_projections(model)  # as generate.py does (not the adapter's linears)
@@ -252,7 +255,7 @@ def bench_generate(args: BenchConfig) -> dict:
                                                                   decode=args.decode)),
                                   args.warmup, args.steps, device)
     streams = torch.stack([g.stream for g in outputs[-1]])
-    batch = Collator(cfg)([p.sample for p in prompts]).to(device)
+    batch = Collator(cfg)([p.sample for p in prompts]).to(device)  # prompts of one length
     with torch.no_grad():  # generate's prefill alone: its share of each call
         prefill_dt, _, _ = time_steps(lambda: model.forward_cached(
             *prompt_inputs(model, batch), KVCache(len(model.layers))), args.warmup, args.steps,
@@ -264,14 +267,14 @@ def bench_generate(args: BenchConfig) -> dict:
         preset=args.preset,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         decode=step.mode if step else args.decode, batch_size=args.batch_size, frames=args.frames,
-        prompt_positions=int(Collator(cfg)([prompts[0].sample]).attention_mask.sum()),
+        prompt_positions=int(batch.attention_mask[0].sum()),
         sample_lora=args.sample_lora, seconds=dt, ms_per_frame=dt / args.frames * 1e3,
         prefill_seconds=prefill_dt, decode_ms_per_frame=(dt - prefill_dt) / args.frames * 1e3,
         audio_seconds_per_s=audio_seconds / dt,
         compile_seconds=step.build_seconds if step else 0.0,
         time_spread=spread, peak_gib=peak, **environment())
     if args.baseline:
-        run = baseline_generator(model, prompts, args.frames)
+        run = baseline_generator(model, batch, args.frames)
         del model, step
         gc.collect()  # the model and its decode step refer to each other
         if device.type == "cuda":
@@ -286,15 +289,6 @@ def bench_generate(args: BenchConfig) -> dict:
                       baseline_same_codes=torch.equal(got[-1].cpu(), streams))
     print(json.dumps(result))
     return result
-
-
-def random_model(cfg: HiggsConfig, device, dtype) -> HiggsAudioModel:
-    """The model at a preset's shape with random weights, built in place on the device."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = HiggsAudioModel(cfg)
-    init_weights(model)
-    return model.to(dtype)
 
 
 def profile_step(step, device, trace: str) -> None:
@@ -343,10 +337,9 @@ def time_baseline(args: BenchConfig, cfg: HiggsConfig, batch, device, dtype) -> 
 
 def bench_train(args: BenchConfig) -> dict:
     """Median time of a LoRA training step (forward, backward, AdamW) on a synthetic batch."""
-    device = torch.device(args.device, local_rank()) if args.device == "cuda" else torch.device("cpu")
+    device, dtype = resolve_device(args.device, "auto", local_rank())
     d = init_distributed(device)  # under torchrun: one process per GPU, DDP as train.py
     cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(cfg, device, dtype)
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     model.activation_checkpointing = args.activation_checkpointing
@@ -370,7 +363,7 @@ def bench_train(args: BenchConfig) -> dict:
         def step():
             if args.compile:
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device, dtype):
                 sums = module(batch)
                 loss = objective.loss(sums, sums.detach())
             loss.backward()

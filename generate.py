@@ -600,7 +600,7 @@ def main(argv=None) -> int:
     try:
         cfg.check()
         device, dtype = resolve_device(cfg.device, cfg.dtype)
-        tokenizer, model_cfg = checkpoint.model_spec(cfg.model)
+        tokenizer, _ = checkpoint.model_spec(cfg.model)
         model = checkpoint.load(cfg.model, device, dtype)
         if cfg.adapter:
             load_adapter(model, cfg.adapter)

@@ -527,6 +527,16 @@ def build_model(cfg: HiggsConfig, device="cpu", dtype=torch.float32, seed: int =
     return model.to(device=device, dtype=dtype)
 
 
+def random_model(cfg: HiggsConfig, device, dtype) -> HiggsAudioModel:
+    """A randomly initialised model built in place on the device (bench.py, rehearse.py): at the
+    released shape, unlike build_model, no fp32 copy passes through host memory."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HiggsAudioModel(cfg)
+    init_weights(model)
+    return model.to(dtype)
+
+
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
     """Inference layout (generate.py, bench.py --generate): the sibling linears of each Attention

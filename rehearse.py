@@ -54,15 +54,11 @@ def released_tokenizer(out_dir: str) -> None:
 def write_model(out_dir: str, tiny: bool) -> None:
     """A random checkpoint in the official layout, sharded like the released one (5 GB shards)."""
     from checkpoint import save_checkpoint
-    from model import HiggsAudioModel, HiggsConfig, init_weights
+    from model import HiggsConfig, random_model
 
     cfg = HiggsConfig.tiny() if tiny else HiggsConfig.released()
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = HiggsAudioModel(cfg)
-    init_weights(model)
-    save_checkpoint(model.to(torch.float32 if tiny else torch.bfloat16), out_dir,
+    save_checkpoint(random_model(cfg, device, torch.float32 if tiny else torch.bfloat16), out_dir,
                     max_shard_bytes=5 * 10 ** 9)
     if tiny:
         for name in os.listdir(DEMO_TOKENIZER):

@@ -18,16 +18,16 @@ stage() { python3 rehearse.py stage "$WORK" "$@"; }
 
 if [[ ${#SIZE[@]} -gt 0 ]]; then  # CPU, tiny model: seconds per stage
   export NGPU=0
-  DEVICE=(--device cpu) RUN=(--batch_size 2 --max_steps 4 --save_every 2 --sample_max_seconds 1)
-  SAVED=2 STEPS=4 SECONDS_OUT=1
+  DEVICE=(--device cpu) BATCH=2 SAVED=2 STEPS=4 SECONDS_OUT=1
 else
   NGPU=${NGPU:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
   export NGPU
-  DEVICE=() RUN=(--batch_size 4 --max_steps 12 --save_every 6 --sample_max_seconds 4)
-  SAVED=6 STEPS=12 SECONDS_OUT=4
+  DEVICE=() BATCH=4 SAVED=6 STEPS=12 SECONDS_OUT=4
 fi
-RUN+=(${DEVICE[@]+"${DEVICE[@]}"} --model "$WORK/model" --train_data "$WORK/data/train"
-     --eval_data "$WORK/data/eval" "$@")
+RUN=(--batch_size "$BATCH" --max_steps "$STEPS" --save_every "$SAVED"
+     --sample_max_seconds "$SECONDS_OUT" ${DEVICE[@]+"${DEVICE[@]}"} --model "$WORK/model"
+     --train_data "$WORK/data/train" --eval_data "$WORK/data/eval" "$@")
+LISTEN=(--sample_every "$STEPS" --sample_count 2 --audio_tokenizer "$WORK/audio_tokenizer")
 
 stage assets -- python3 rehearse.py assets "$WORK" ${SIZE[@]+"${SIZE[@]}"}
 stage prepare -- bash -c "python3 data.py prepare $WORK/data/train --tokenizer $WORK/audio_tokenizer \
@@ -38,10 +38,9 @@ if [[ "$NGPU" -gt 1 ]]; then  # the reference: the same global batches on one GP
     --output_dir "$WORK/one_gpu"
 fi
 stage train --kill_when "$WORK/run/checkpoints/step_$(printf %08d "$SAVED")/COMPLETE" -- \
-  env MASTER_PORT=29511 bash launch.sh "${RUN[@]}" --output_dir "$WORK/run" \
-  --sample_every "$STEPS" --sample_count 2 --audio_tokenizer "$WORK/audio_tokenizer"
-stage resume -- env MASTER_PORT=29512 bash launch.sh "${RUN[@]}" --output_dir "$WORK/run" \
-  --sample_every "$STEPS" --sample_count 2 --audio_tokenizer "$WORK/audio_tokenizer" --resume
+  env MASTER_PORT=29511 bash launch.sh "${RUN[@]}" "${LISTEN[@]}" --output_dir "$WORK/run"
+stage resume -- env MASTER_PORT=29512 bash launch.sh "${RUN[@]}" "${LISTEN[@]}" \
+  --output_dir "$WORK/run" --resume
 for fmt in official transformers; do
   stage "merge_$fmt" -- python3 lora.py merge --model "$WORK/model" --adapter "$WORK/run/adapter" \
     --out "$WORK/merged_$fmt" --format "$fmt"

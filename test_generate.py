@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 import generate as gen
 import health
 from audio import CODES_FRAME_RATE, codes_path
+from bench import zero_eos_rows
 from checkpoint import load_model, load_tokenizer
 from chatml import record_from_json
 from collate import Collator
 from formats import load_records
 from lora import inject_lora, save_adapter
-from model import HiggsConfig, KVCache, build_model, fuse_projections, fused_project
+from model import HiggsConfig, KVCache, build_model, fuse_projections
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "demo", "data")
@@ -29,14 +30,6 @@ GOLDEN = os.path.join(ROOT, "tests", "golden_generate")
 EXPECTED = json.load(open(os.path.join(GOLDEN, "expected.json")))
 EVAL = os.path.join(DEMO_DATA, "eval.jsonl")
 GREEDY = gen.Sampling(temperature=0, ras_window=0)
-
-
-def zero_eos_rows(model):
-    """The audio head can no longer prefer stream EOS: greedy streams run to the frame limit."""
-    with torch.no_grad():
-        model.audio_decoder_proj.audio_lm_head.weight[
-            model.cfg.audio_stream_eos_id::model.cfg.codebook_rows] = 0
-    return model
 
 
 def golden_case(name):
