@@ -74,6 +74,12 @@ def resolve_audio_path(part: AudioPart, base_dir: str) -> str:
     return part.audio_url if os.path.isabs(part.audio_url) else os.path.join(base_dir, part.audio_url)
 
 
+def audio_paths(records: list[Record]) -> set[str]:
+    """The audio files the records name (not the raw-audio parts)."""
+    return {resolve_audio_path(p, r.base_dir) for r in records for m in r.messages
+            for p in m.content if isinstance(p, AudioPart) and p.audio_url}
+
+
 def field_name(record: Record, i: int, j: int | None = None) -> str:
     """How the user's input names message i (or its part j): a flat key, a clip's file or a chat
     path, so that errors point at what the user wrote rather than at the converted ChatML."""

@@ -22,8 +22,8 @@ import torch
 from audio import (CODES_SAMPLE_RATE, WHISPER_SAMPLE_RATE, audio_info, codes_path, encode_files,
                    expected_frames, has_valid_sidecar, load_audio, load_audio_tokenizer, load_codes,
                    read_codes, resampled_length, window)
-from chatml import (AudioPart, AudioSegment, DataError, Record, Sample, TextPart, field_name,
-                    record_to_json, resolve_audio_path, tokenize_record)
+from chatml import (AudioPart, AudioSegment, DataError, Record, Sample, TextPart, audio_paths,
+                    field_name, record_to_json, resolve_audio_path, tokenize_record)
 from checkpoint import model_spec
 from cli import option, parse
 from device import resolve_device
@@ -180,8 +180,7 @@ def load_dataset(path: str, tokenizer, cfg, max_seq_len: int | None = None, fmt:
 def _sidecar_spec(records: list[Record]):
     """(config, Counter of codebook counts) for checks without --model: the released shape with
     the codebook count most sidecars have; the other counts are reported."""
-    paths = {codes_path(resolve_audio_path(p, r.base_dir)) for r in records for m in r.messages
-             for p in m.content if isinstance(p, AudioPart) and p.audio_url}
+    paths = {codes_path(p) for p in audio_paths(records)}
     counts = Counter()
     for path in paths:
         try:
@@ -293,8 +292,7 @@ def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "aut
     device, _ = resolve_device(device)
     model = load_audio_tokenizer(tokenizer_dir, device)
     K, size = model.config.num_quantizers, model.config.codebook_size
-    files = sorted({resolve_audio_path(p, r.base_dir) for r in records for m in r.messages
-                    for p in m.content if isinstance(p, AudioPart) and p.audio_url})
+    files = sorted(audio_paths(records))
     todo, failed = [], []
     for f in files:
         try:
@@ -328,29 +326,32 @@ def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "aut
 
 
 @dataclass
-class CheckConfig:
-    """Validate a data file or folder and print a report; exit 1 if any record is invalid"""
+class DataInput:
+    """The options every data command takes."""
     data: str = option("", "data file (JSON, JSONL, metadata.csv) or folder of clips")
+    format: str = option("auto", "input format; auto: detected per file", choices=("auto",) + FORMATS)
+
+
+@dataclass
+class CheckConfig(DataInput):
+    """Validate a data file or folder and print a report; exit 1 if any record is invalid"""
     model: str = option("", "checkpoint folder, Hub id, or tiny: also tokenize, and check lengths "
                         "and codes against this model; none: the released shape")
     max_seq_len: int = option(4096, "with --model: longest sample in positions after audio "
                               "expansion (as train.py's)", min=16)
     allow_text_only: bool = option(False, "accept records whose trained turns hold only text "
                                    "(evaluation data)")
-    format: str = option("auto", "input format; auto: detected per file", choices=("auto",) + FORMATS)
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(DataInput):
     """Write the .codes.npy sidecar of every audio file the records use"""
-    data: str = option("", "data file (JSON, JSONL, metadata.csv) or folder of clips")
     tokenizer: str = option("", "the audio tokenizer: a HiggsAudioV2TokenizerModel folder or Hub "
                             "id (bosonai/higgs-audio-v2-tokenizer in transformers layout)")
     device: str = option("auto", "auto: cuda when a GPU is present", choices=("auto", "cpu", "cuda"))
     batch_size: int = option(16, "clips of equal length encoded together", min=1)
     write_chatml: bool = option(False, "also write the records as ChatML JSONL next to the input "
                                 "(NAME.chatml.jsonl)")
-    format: str = option("auto", "input format; auto: detected per file", choices=("auto",) + FORMATS)
 
 
 COMMANDS = {"check": CheckConfig, "prepare": PrepareConfig}

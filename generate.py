@@ -29,8 +29,8 @@ import soundfile as sf
 import torch
 
 import checkpoint
-from audio import (CODES_FRAME_RATE, CODES_SAMPLE_RATE, codes_path, decode_codes, load_audio,
-                   load_audio_tokenizer, save_codes)
+from audio import (CODES_FRAME_RATE, CODES_SAMPLE_RATE, codes_path, decode_codes, encode_files,
+                   load_audio, load_audio_tokenizer)
 from chatml import (IGNORE, AudioPart, DataError, Record, Sample, TextPart, cloning_record,
                     record_from_json)
 from cli import option, parse
@@ -586,12 +586,11 @@ def generation_prompts(cfg: GenerateConfig, tokenizer, model_cfg, audio_tokenize
     return prompts, os.path.dirname(os.path.abspath(cfg.out)), names
 
 
-@torch.no_grad()
 def encode_reference(path: str, audio_tokenizer) -> None:
-    """Write a reference clip's missing codes sidecar, as `python data.py prepare` would."""
-    wav = load_audio(AudioPart(path), "", CODES_SAMPLE_RATE, path)
-    codes = audio_tokenizer.encode(wav[None, None].to(audio_tokenizer.device), return_dict=False)
-    save_codes(codes_path(path), codes[0].cpu().numpy())
+    """Write a reference clip's missing codes sidecar, as `python data.py prepare` does."""
+    failed = []
+    if not encode_files(audio_tokenizer, [path], 1, failed):
+        raise DataError(failed[0])
     print(f"encoded {path} -> {codes_path(path)}")
 
 

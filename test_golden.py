@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from audio import codes_path
-from chatml import AudioPart, resolve_audio_path
+from chatml import audio_paths
 from collate import AUDIO_IN_CODES, AUDIO_OUT, WHISPER, Collator
 from formats import load_records
 from loss import Objective
@@ -44,8 +44,7 @@ def test_golden_fixtures_exist():
         for name in ("ckpt/config.json", "ckpt/model.safetensors", "ckpt/tokenizer.json"):
             assert os.path.isfile(os.path.join(folder, name)), (case, name)
         records = load_records(os.path.join(folder, "data", "records.jsonl"))
-        audio = [resolve_audio_path(p, r.base_dir) for r in records for m in r.messages
-                 for p in m.content if isinstance(p, AudioPart)]
+        audio = audio_paths(records)
         assert audio and all(os.path.isfile(a) and os.path.isfile(codes_path(a)) for a in audio)
         for name, batches in (("expected_bs1.npz", len(records)), ("expected_bsall.npz", 1)):
             exp = np.load(os.path.join(folder, name))
