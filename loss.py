@@ -83,22 +83,24 @@ def audio_token_counts(batch: Batch) -> torch.Tensor:
 def voice_groups(batch: Batch, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat positions, group = 2 * row + is_target) of every sample's reference audio (audio-in
     codes and context audio-out segments) and target audio (trained audio-out segments). An
-    audio-out segment starts with an all-stream-BOS frame; it is trained if it has any label."""
+    audio-out segment starts with an all-stream-BOS frame; it is trained if it has any label.
+    Only gathers and scatters of known sizes: on the GPU the host never waits for the forward."""
     L = batch.input_ids.shape[1]
-    is_out = torch.isin(batch.audio_index, batch.audio_out_index)
-    starts = (batch.audio_codes[is_out] == bos).all(1)
+    out_rows = torch.searchsorted(batch.audio_index, batch.audio_out_index)  # both ascending
+    starts = (batch.audio_codes[out_rows] == bos).all(1)
     segment = starts.long().cumsum(0) - 1
     labelled = (batch.audio_out_labels != IGNORE).any(1).long()
-    trained = torch.zeros(int(starts.sum()), dtype=torch.long, device=segment.device) \
-        .index_add_(0, segment, labelled) > 0
-    is_target = torch.zeros_like(is_out)
-    is_target[is_out] = trained[segment]
-    return batch.audio_index, 2 * (batch.audio_index // L) + is_target.long()
+    trained = torch.zeros_like(segment).index_add_(0, segment, labelled) > 0  # per segment
+    is_target = torch.zeros_like(batch.audio_index).index_copy_(0, out_rows,
+                                                                 trained[segment].long())
+    return batch.audio_index, 2 * (batch.audio_index // L) + is_target
 
 
 def voice_group_sizes(group: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 2) reference and target positions per sample, and which samples have both."""
-    sizes = torch.bincount(group, minlength=2 * B).view(B, 2)
+    # not bincount: its output size is read from the GPU, which makes the host wait
+    sizes = torch.zeros(2 * B, dtype=torch.long, device=group.device) \
+        .index_add_(0, group, torch.ones_like(group)).view(B, 2)
     return sizes, (sizes > 0).all(dim=1)
 
 
