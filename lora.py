@@ -276,7 +276,7 @@ def merge(cfg: MergeConfig) -> None:
     if os.path.isdir(cfg.out) and os.listdir(cfg.out):
         raise DataError(f"--out {cfg.out}: folder is not empty; give a new folder")
     if cfg.model == "tiny":
-        base, files, dtype = checkpoint.TINY_TOKENIZER, [], torch.float32
+        base, files = checkpoint.TINY_TOKENIZER, []
         model = checkpoint.load("tiny", dtype=torch.float32, seed=tiny_seed(cfg.adapter))
     else:
         from safetensors import safe_open
@@ -287,7 +287,7 @@ def merge(cfg: MergeConfig) -> None:
             dtype = f.get_tensor(next(iter(f.keys()))).dtype
         model = checkpoint.load_model(base, dtype=dtype)  # merged_state_dict adds in fp32
     load_adapter(model, cfg.adapter)
-    state = {k: v.to(dtype) for k, v in merged_state_dict(model).items()}
+    state = merged_state_dict(model)  # in the checkpoint's dtype, as the model was loaded
     shard_bytes = max(os.path.getsize(f) for f in files) if len(files) > 1 else 1 << 62
     checkpoint.save_checkpoint(model, cfg.out, fmt=cfg.format, max_shard_bytes=shard_bytes,
                                state=state)
