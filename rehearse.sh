@@ -16,9 +16,10 @@ WORK=${WORK:-runs/rehearsal}
 rm -rf "$WORK" && mkdir -p "$WORK"
 stage() { python3 rehearse.py stage "$WORK" "$@"; }
 
-if [[ ${#SIZE[@]} -gt 0 ]]; then  # CPU, tiny model: seconds per stage
+if [[ ${#SIZE[@]} -gt 0 ]]; then  # CPU, tiny model: seconds per stage (steps take ~0.05 s:
+  # enough of them after the checkpoint that the run cannot end before the kill lands)
   export NGPU=0
-  DEVICE=(--device cpu) BATCH=2 SAVED=2 STEPS=4 SECONDS_OUT=1
+  DEVICE=(--device cpu) BATCH=2 SAVED=2 STEPS=12 SECONDS_OUT=1
 else
   NGPU=${NGPU:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
   export NGPU
