@@ -245,20 +245,19 @@ def report(work: str) -> dict:
 def against_one_gpu(run_rows: list[dict], one_gpu_rows: list[dict], world: int,
                     resumed: float) -> dict:
     """The run on `world` GPUs against one GPU stepping through the same global batches (its
-    micro-batches in turn): scaling efficiency, the median over the steps steady in both (not
-    the first two of any process) of one GPU's step time over `world` times the run's (a median,
-    so a step that recompiles for a new length in one run alone does not decide it); and the
-    largest difference of their step losses, which on a GPU is within the spread of two runs of
-    the same command (bf16 and atomic adds differ run to run)."""
+    micro-batches in turn): scaling efficiency, the median over the steps steady in both of one
+    GPU's step time over `world` times the run's (a median, so a step that recompiles for a new
+    length in one run alone does not decide it); and the largest difference of their step
+    losses, which on a GPU is within the spread of two runs of the same command (bf16 and atomic
+    adds differ run to run). Only the run's first process is timed: a process's first epoch
+    runs slower than its later ones, so a resumed process must not be set against the
+    reference's later, faster steps."""
     def steps(rows):
         return {r["step"]: r for r in rows if "loss" in r}
 
-    def steady_steps(rows):
-        return set(sorted(steps(rows))[2:])
     alone, mine = steps(one_gpu_rows), steps(run_rows)
-    before = [r for r in run_rows if r.get("time", 0) <= resumed]
-    after = [r for r in run_rows if r.get("time", 0) > resumed]
-    timed = steady_steps(one_gpu_rows) & (steady_steps(before) | steady_steps(after))
+    first_process = [s for s, r in mine.items() if r["time"] <= resumed]
+    timed = sorted(set(first_process[2:]) & set(sorted(alone)[2:]))
     common = alone.keys() & mine.keys()
     return dict(
         scaling_steps=len(timed),

@@ -7,7 +7,7 @@
     OUT/adapter/                 the final adapter
     OUT/skipped_records.jsonl    the records --skip_invalid dropped
     OUT/tensorboard/             with --log_to tensorboard (wandb: OUT/wandb, OUT/wandb_id)
-    OUT/.lock                    held (flock) while a run writes here
+    OUT/.lock                    locked (a POSIX lock) by the process writing the run
 
 One run per folder: a fresh run where another run's files are is an error unless --resume or
 --overwrite, and a second run while one holds the lock is told who holds it. A checkpoint is
@@ -163,8 +163,12 @@ class RunDir:
         except OSError as e:
             raise io_error(e, self.path, "creating --output_dir")
         try:
-            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a POSIX lock belongs to this process alone: the DataLoader workers it forks do not
+            # hold it, so it is free the moment this process dies (killed, out of memory)
+            fcntl.lockf(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise io_error(e, self.path, "locking --output_dir")
             self.lock_file.seek(0)
             holder = self.lock_file.read().strip() or "another process"
             raise DataError(f"--output_dir {self.path} is in use by another run ({holder}); wait for "
@@ -192,7 +196,7 @@ class RunDir:
             logger.close()
         self.loggers = []
         if self.lock_file:
-            self.lock_file.close()  # closing drops the flock
+            self.lock_file.close()  # closing drops the lock
             self.lock_file = None
 
     # -- settings ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ for a full disk and odd paths, one metrics row per step, and files readable as t
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -52,15 +53,32 @@ def test_a_fresh_run_never_mixes_with_another_runs_files(tmp_path, run_train):
     assert json.load(open(out / "config.json"))["seed"] == 1
 
 
-def test_a_second_run_in_a_folder_in_use_is_told_who_holds_it(tmp_path, run_train):
-    holder = RunDir(str(tmp_path / "run"))
-    holder.claim(resume=False, overwrite=False)
+def test_a_folder_in_use_is_refused_and_free_the_moment_its_holder_dies(tmp_path, run_train):
+    """One run per folder: a second is told who holds it. The lock is the holding process's own:
+    a child it forked (as a DataLoader worker is) and that outlives it does not keep the folder,
+    or a --resume right after a kill (or an out-of-memory kill) would be refused."""
+    run = tmp_path / "run"
+    code = ("import os, sys, time\nfrom run_dir import RunDir\nrun = RunDir(sys.argv[1])\n"
+            "run.claim(False, False)\nchild = os.fork()\n"
+            "if child == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+            "print(child, flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
     try:
-        with pytest.raises(DataError, match=rf"in use by another run \(pid {os.getpid()} on "):
-            run_train(tmp_path / "run")
+        with pytest.raises(DataError, match=rf"in use by another run \(pid {holder.pid} on "):
+            run_train(run)
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the forked child lives on
+        run_train(run, "--max_steps", "1")
     finally:
-        holder.release()
-    run_train(tmp_path / "run", "--max_steps", "1")  # free again once the holder is gone
+        holder.kill()
+        holder.wait()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
@@ -330,16 +348,17 @@ def test_the_rehearsal_kill_takes_down_every_torchrun_worker(tmp_path, tiny_ckpt
     import rehearse
 
     run = tmp_path / "run"
-    # 30 steps of ~0.05 s: the run cannot end in the 0.2 s before the kill after step 2 lands
+    # 30 steps of ~0.05 s: the run cannot end in the 0.2 s before the kill after step 4 lands;
+    # steps 3 and 4 of the first process are timed against the reference
     flags = ["--model", tiny_ckpt, "--eval_data", "", "--device", "cpu", "--batch_size", "1",
-             "--max_steps", "30", "--save_every", "2", "--output_dir", str(run)]
+             "--max_steps", "30", "--save_every", "4", "--output_dir", str(run)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", port, os.path.join(ROOT, "train.py")]
     assert rehearse.stage(str(tmp_path), "train", torchrun + flags,
-                          kill_when=str(run / "checkpoints" / "step_00000002" / "COMPLETE")) == 0
+                          kill_when=str(run / "checkpoints" / "step_00000004" / "COMPLETE")) == 0
     time.sleep(1)
     holder = RunDir(str(run))
     holder.claim(resume=True, overwrite=False)  # would raise if a worker still held the lock
@@ -357,15 +376,16 @@ def test_the_rehearsal_kill_takes_down_every_torchrun_worker(tmp_path, tiny_ckpt
     assert got["loss_max_abs_diff_to_one_gpu"] < 1e-4  # fp32: the same batches, the same losses
 
 
-def test_rehearsal_scaling_is_not_decided_by_one_slow_step():
+def test_rehearsal_scaling_is_not_decided_by_one_slow_step_or_a_resumed_process():
     """A step that recompiles in one run alone (here the reference's step 4) must not turn half
-    speed into full scaling: the efficiency is a median of per-step ratios."""
+    speed into full scaling: the efficiency is a median of per-step ratios. A resumed process
+    runs its first, slower steps where the reference runs warm: its steps are not timed."""
     import rehearse
 
     def run(seconds):
         return [dict(step=s, loss=1.0, step_seconds=t, time=float(s)) for s, t in seconds.items()]
-    two_gpus = run({s: 0.3 for s in range(1, 9)})
-    one_gpu = run({s: 30.0 if s == 4 else 0.3 for s in range(1, 9)})
-    got = rehearse.against_one_gpu(two_gpus, one_gpu, 2, resumed=100.0)
+    two_gpus = run({s: 0.3 if s <= 8 else 3.0 for s in range(1, 13)})
+    one_gpu = run({s: 30.0 if s == 4 else 0.3 for s in range(1, 13)})
+    got = rehearse.against_one_gpu(two_gpus, one_gpu, 2, resumed=8.5)
     assert got["scaling_steps"] == 6 and got["scaling_efficiency"] == pytest.approx(0.5)
     assert got["loss_max_abs_diff_to_one_gpu"] == 0
