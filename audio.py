@@ -61,6 +61,13 @@ def expected_frames(num_samples: int, sample_rate: int) -> int:
     return n // CODES_HOP if 1 <= n % CODES_HOP <= 118 else -(-n // CODES_HOP)
 
 
+def frames_match(frames: int, num_samples: int, sample_rate: int) -> bool:
+    """Whether `frames` code frames belong to audio of `num_samples` at `sample_rate`: one frame
+    either way is allowed, since a resampler giving one sample more or less moves a length across
+    the edges of expected_frames' rule."""
+    return abs(frames - expected_frames(num_samples, sample_rate)) <= 1
+
+
 def window(part: AudioPart, rate: float, round_stop=round) -> slice:
     """The part's offset/duration window, in frames at `rate` per second."""
     start = int(round((part.offset or 0.0) * rate))
@@ -192,7 +199,7 @@ def has_valid_sidecar(audio: str, info, num_codebooks: int, codebook_size: int) 
     except DataError:
         return False
     return codes.shape[0] == num_codebooks and \
-        abs(codes.shape[1] - expected_frames(info.frames, info.samplerate)) <= 1
+        frames_match(codes.shape[1], info.frames, info.samplerate)
 
 
 def _equal_length_batches(files: list[str], batch_size: int, failed: list):
@@ -226,8 +233,8 @@ def encode_files(audio_tokenizer, files: list[str], batch_size: int, failed: lis
             failed += [f"{f}: the audio tokenizer failed: {e}" for f, _ in batch]
             continue
         for (f, wav), c in zip(batch, codes):
-            want = expected_frames(len(wav), CODES_SAMPLE_RATE)
-            if abs(c.shape[1] - want) > 1:
+            if not frames_match(c.shape[1], len(wav), CODES_SAMPLE_RATE):
+                want = expected_frames(len(wav), CODES_SAMPLE_RATE)
                 raise DataError(f"encoded {f} to {c.shape[1]} frames, expected {want} at 25 frames/s; "
                                 "is the tokenizer a Higgs-Audio v2 audio tokenizer?")
             save_codes(codes_path(f), c)

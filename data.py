@@ -20,8 +20,8 @@ import soundfile as sf
 import torch
 
 from audio import (CODES_SAMPLE_RATE, WHISPER_SAMPLE_RATE, audio_info, codes_path, encode_files,
-                   expected_frames, has_valid_sidecar, load_audio, load_audio_tokenizer, load_codes,
-                   read_codes, resampled_length, window)
+                   expected_frames, frames_match, has_valid_sidecar, load_audio,
+                   load_audio_tokenizer, load_codes, read_codes, resampled_length, window)
 from chatml import (AudioPart, AudioSegment, DataError, Record, Sample, TextPart, audio_paths,
                     field_name, record_to_json, resolve_audio_path, tokenize_record)
 from checkpoint import model_spec
@@ -76,8 +76,8 @@ def _check_audio(part: AudioPart, record: Record, where: str, cfg, needs_codes: 
     if needs_codes and (key, "codes") not in cache:
         codes = read_codes(part, record.base_dir, cfg.audio_num_codebooks, cfg.audio_codebook_size,
                            where)
-        want = expected_frames(info.frames, info.samplerate)
-        if abs(codes.shape[1] - want) > 1:
+        if not frames_match(codes.shape[1], info.frames, info.samplerate):
+            want = expected_frames(info.frames, info.samplerate)
             raise DataError(f"{where}: codes {codes_path(key)} have {codes.shape[1]} frames but "
                             f"the audio ({info.frames / info.samplerate:.2f} s) gives {want} at 25 "
                             "frames/s: the sidecar belongs to another file or an older version of "
