@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from chatml import DataError, need_file
 from cli import option, parse
+from model import projection_groups
 
 # Named target groups; anything else given to --lora_targets is a regex on module names.
 TARGET_GROUPS = {
@@ -103,11 +104,7 @@ def share_down_projections(model: nn.Module) -> int:
     model.MLP: gate/up) the grouped version, when all its siblings are LoRA linears without
     dropout (with dropout each keeps its own mask, as in PEFT). Returns the groups made."""
     groups = 0
-    for module in model.modules():
-        names = getattr(module, "projections", None)
-        if not names:
-            continue
-        siblings = [getattr(module, n) for n in names]
+    for module, siblings in projection_groups(model):
         if all(isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Identity) for m in siblings):
             module.project = partial(grouped_project, modules=siblings)
             groups += 1

@@ -537,6 +537,15 @@ def random_model(cfg: HiggsConfig, device, dtype) -> HiggsAudioModel:
     return model.to(dtype)
 
 
+def projection_groups(model: nn.Module):
+    """(module, its sibling linears) of every module whose `project(x)` applies several linears
+    to one input (Attention: q/k/v; MLP: gate/up), the groups that one GEMM can serve."""
+    for module in model.modules():
+        names = getattr(module, "projections", ())
+        if names:
+            yield module, [getattr(module, n) for n in names]
+
+
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
     """Inference layout (generate.py, bench.py --generate): the sibling linears of each Attention
@@ -548,9 +557,8 @@ def fuse_projections(model: nn.Module) -> int:
     their own path (lora.inject_lora also undoes the fusion of the modules it wraps). Returns
     the groups fused."""
     groups = 0
-    for module in model.modules():
-        linears = [getattr(module, n) for n in getattr(module, "projections", ())]
-        if not linears or not all(type(m) is nn.Linear and m.bias is None for m in linears):
+    for module, linears in projection_groups(model):
+        if not all(type(m) is nn.Linear and m.bias is None for m in linears):
             continue
         fused = torch.cat([m.weight for m in linears])
         sizes = [m.out_features for m in linears]
