@@ -3,11 +3,12 @@ synthetic assets at the released shape (random weights and codebooks: nothing is
 each stage run and measured, and the summary.
 
     python3 rehearse.py assets WORK [--tiny]     # WORK/model, WORK/audio_tokenizer, WORK/data/*
-    python3 rehearse.py stage WORK NAME [--kill_when FILE] -- COMMAND ...
+    python3 rehearse.py stage WORK NAME [--kill_when GLOB] -- COMMAND ...
     python3 rehearse.py report WORK              # the summary: one JSON line
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import resource
@@ -163,8 +164,10 @@ def descendants(pid: int) -> list[int]:
 
 def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
     """Run `command`, polling the GPUs' memory; with `kill_when`, SIGKILL it and every process
-    below it once that file exists (a preemption). Appends a row to WORK/stages.jsonl: seconds,
-    peak GPU memory, the peak host memory of its largest process, exit code."""
+    below it once a file matches that glob (a preemption). A glob, not one checkpoint's marker:
+    keeping the newest checkpoints deletes older ones, and a marker that lived between two polls
+    would let the run end unkilled. Appends a row to WORK/stages.jsonl: seconds, peak GPU memory,
+    the peak host memory of its largest process, exit code."""
     peak, done = [], threading.Event()
 
     def poll():
@@ -176,13 +179,13 @@ def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
     start = time.time()
     proc = subprocess.Popen(command)
     while proc.poll() is None:
-        if kill_when and os.path.exists(kill_when):
+        if kill_when and glob.glob(kill_when):
             for pid in [proc.pid] + descendants(proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     done.set()
     row = dict(stage=name, start=start, seconds=round(time.time() - start, 1), rc=proc.returncode,
                peak_gpu_gib=round(max(peak), 2) if peak else None,
@@ -190,8 +193,14 @@ def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
     with open(os.path.join(work, "stages.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"rehearse: {name}: {row['seconds']} s, rc {proc.returncode}", flush=True)
-    killed = kill_when and proc.returncode == -signal.SIGKILL
-    return 0 if killed else proc.returncode
+    if not kill_when:
+        return proc.returncode
+    if proc.returncode == -signal.SIGKILL:
+        return 0
+    if proc.returncode == 0:
+        print(f"rehearse: {name} ended before {kill_when} appeared, so the kill and resume were not "
+              f"rehearsed: give it more steps after the first checkpoint", file=sys.stderr)
+    return proc.returncode or 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ if [[ "$NGPU" -gt 1 ]]; then  # the reference: the same global batches on one GP
   stage one_gpu -- env NGPU=1 bash launch.sh "${RUN[@]}" --grad_accum "$NGPU" --eval_data "" \
     --output_dir "$WORK/one_gpu"
 fi
-stage train --kill_when "$WORK/run/checkpoints/step_$(printf %08d "$SAVED")/COMPLETE" -- \
+stage train --kill_when "$WORK/run/checkpoints/step_*/COMPLETE" -- \
   env MASTER_PORT=29511 bash launch.sh "${RUN[@]}" "${LISTEN[@]}" --output_dir "$WORK/run"
 stage resume -- env MASTER_PORT=29512 bash launch.sh "${RUN[@]}" "${LISTEN[@]}" \
   --output_dir "$WORK/run" --resume

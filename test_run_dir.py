@@ -389,3 +389,21 @@ def test_rehearsal_scaling_is_not_decided_by_one_slow_step_or_a_resumed_process(
     got = rehearse.against_one_gpu(two_gpus, one_gpu, 2, resumed=8.5)
     assert got["scaling_steps"] == 6 and got["scaling_efficiency"] == pytest.approx(0.5)
     assert got["loss_max_abs_diff_to_one_gpu"] == 0
+
+
+def test_rehearsal_kill_fires_on_any_matching_checkpoint_and_a_run_that_outlives_it_fails(tmp_path, capsys):
+    """The kill watches a glob, so a checkpoint that keep-last deleted between two polls still
+    counts (the first one alone was missed on a busy machine); a run that ends unkilled fails the
+    stage, since the resume would then rehearse nothing."""
+    import rehearse
+
+    marker = tmp_path / "checkpoints" / "step_00000004" / "COMPLETE"
+    write_then_wait = [sys.executable, "-c", f"import os, time; os.makedirs({str(marker.parent)!r}); "
+                       f"open({str(marker)!r}, 'w').close(); time.sleep(60)"]
+    started = time.time()
+    glob = str(tmp_path / "checkpoints" / "step_*" / "COMPLETE")
+    assert rehearse.stage(str(tmp_path), "train", write_then_wait, kill_when=glob) == 0
+    assert time.time() - started < 30
+    assert rehearse.stage(str(tmp_path), "train", [sys.executable, "-c", "pass"],
+                          kill_when=str(tmp_path / "never" / "*")) == 1
+    assert "train ended before" in capsys.readouterr().err
