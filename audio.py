@@ -7,9 +7,14 @@ Codes are computed once, offline (`python data.py prepare`), and cached next to 
 from __future__ import annotations
 
 import base64
+import collections
+import hashlib
 import io
+import json
 import math
 import os
+import re
+import struct
 import sys
 import time
 
@@ -17,7 +22,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from chatml import AudioPart, DataError, need_file, resolve_audio_path
+from chatml import AudioPart, resolve_audio_path
+from errors import ConfigError, DataError, need_file
 from checkpoint import resolve
 
 CODES_SAMPLE_RATE = 24000  # the audio tokenizer reads 24 kHz
@@ -89,11 +95,38 @@ def _audio_source(part: AudioPart, base_dir: str, where: str):
     return path, path
 
 
-def audio_info(part: AudioPart, base_dir: str, where: str):
-    """soundfile's header info of the part's audio (rate, channels, frames), without decoding."""
+AudioInfo = collections.namedtuple("AudioInfo", "samplerate channels frames")
+
+
+def wav_info(path: str) -> AudioInfo | None:
+    """The header of a plain PCM or float WAV file, read directly (soundfile's open costs more
+    than the rest of a record's validation); None for anything else, which soundfile reads."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        size = f.seek(0, 2)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    at, fmt = 12, None
+    while at + 8 <= len(head):
+        kind, n = head[at:at + 4], int.from_bytes(head[at + 4:at + 8], "little")
+        if kind == b"fmt " and n >= 16:
+            tag, channels, rate = struct.unpack_from("<HHI", head, at + 8)
+            block = struct.unpack_from("<H", head, at + 20)[0]
+            fmt = (channels, rate, block) if tag in (1, 3) and block else None
+        elif kind == b"data":
+            if fmt is None or n == 0xFFFFFFFF:
+                return None
+            return AudioInfo(fmt[1], fmt[0], min(n, size - at - 8) // fmt[2])
+        at += 8 + n + (n & 1)
+    return None
+
+
+def audio_info(part: AudioPart, base_dir: str, where: str) -> AudioInfo:
+    """The header of the part's audio (rate, channels, frames), without decoding."""
     source, label = _audio_source(part, base_dir, where)
     try:
-        info = sf.info(source)
+        info = (isinstance(source, str) and wav_info(source)) or \
+            AudioInfo(*(getattr(sf.info(source), k) for k in AudioInfo._fields))
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise DataError(f"{where}: cannot read audio {label}: {e}; convert it to WAV or FLAC")
     if info.frames <= 0:
@@ -116,50 +149,136 @@ def load_audio(part: AudioPart, base_dir: str, sample_rate: int, where: str) -> 
     return torch.from_numpy(np.ascontiguousarray(resample(data.mean(axis=1), sr, sample_rate)))
 
 
-def read_codes(part: AudioPart, base_dir: str, num_codebooks: int, codebook_size: int,
-               where: str) -> np.ndarray:
-    """The part's whole `<stem>.codes.npy` sidecar, checked: integers (>= num_codebooks, T), the
-    first num_codebooks rows in [0, codebook_size)."""
+def provenance_path(audio_path: str) -> str:
+    """`<stem>.codes.json`: what prepare encoded (the audio's size, time and SHA-256, the tokenizer)."""
+    return os.path.splitext(audio_path)[0] + ".codes.json"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stale_reason(audio: str) -> str | None:
+    """Why the codes sidecar of `audio` no longer encodes it, or None. Codes (and their
+    provenance file) written after the audio are its codes (make's rule). Older ones are, after
+    a copy or a checkout, when the provenance file that prepare writes says that the audio is
+    the one encoded: the same size, and the same time or content."""
+    now = os.stat(audio)
+    try:
+        prov = os.stat(provenance_path(audio)).st_mtime_ns
+    except FileNotFoundError:
+        prov = None
+    if os.stat(codes_path(audio)).st_mtime_ns >= now.st_mtime_ns and \
+            (prov is None or prov >= now.st_mtime_ns):
+        return None
+    if prov is None:
+        return "the codes are older than the audio (changed after they were encoded)"
+    try:
+        with open(provenance_path(audio), "rb") as f:
+            was = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        return f"its provenance file {provenance_path(audio)} is unreadable ({e})"
+    if was.get("audio_bytes") != now.st_size:
+        return f"they encode {was.get('audio_bytes')} bytes of audio, the file has {now.st_size}"
+    if was.get("audio_mtime_ns") != now.st_mtime_ns and was.get("audio_sha256") != file_sha256(audio):
+        return "the audio's content changed after it was encoded"
+    return None
+
+
+NPY_HEADER = re.compile(r"\{'descr': '([^']+)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), \}")
+
+
+def npy_header(path: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of a .npy file from its header alone: the header np.save writes is parsed
+    directly (numpy parses it as Python source, slower than the rest of a record's checks)."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    m = NPY_HEADER.match(head[10:].decode("latin1")) if head[:8] == b"\x93NUMPY\x01\x00" else None
+    if m is None or m.group(2) == "True":
+        with open(path, "rb") as f:
+            read = np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        return shape, dtype
+    return tuple(int(x) for x in m.group(3).split(",") if x.strip()), np.dtype(m.group(1))
+
+
+def read_codes(part: AudioPart, base_dir: str, num_codebooks: int, codebook_size: int, where: str,
+               values: bool = True) -> tuple[tuple, np.ndarray | None]:
+    """(shape, codes) of the part's whole `<stem>.codes.npy` sidecar, checked: an integer .npy
+    array (>= num_codebooks, T) that still encodes its audio. `values` also reads the first
+    num_codebooks rows (int16, or int32 for large codebooks) and checks them against
+    [0, codebook_size); without it only the header is read (codes None)."""
     if part.audio_url is None:
         raise DataError(f"{where}: audio given as raw_audio has no codes sidecar; save it to a "
                         "file, reference it with audio_url and run `python data.py prepare`")
-    path = need_file(codes_path(resolve_audio_path(part, base_dir)),
-                     f"{where}: audio codes", f"for {part.audio_url}, create them with `python data.py "
-                     "prepare DATA --tokenizer AUDIO_TOKENIZER` (DATA: this data file or folder)")
+    audio = resolve_audio_path(part, base_dir)
+    path = need_file(codes_path(audio), f"{where}: audio codes", f"for {part.audio_url}, create "
+                     "them with `python data.py prepare DATA --tokenizer AUDIO_TOKENIZER` (DATA: this "
+                     "data file or folder)")
+    fix = "delete it and rerun `python data.py prepare`"
     try:
-        codes = np.load(path)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{where}: cannot read codes {path}: {e}; delete it and rerun "
-                        "`python data.py prepare`")
-    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        shape, dtype = npy_header(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise DataError(f"{where}: cannot read codes {path}: {e} (a .npy array is needed); {fix}")
+    if dtype.hasobject:
+        raise DataError(f"{where}: cannot read codes {path}: it holds Python objects (a pickle), "
+                        f"not integers; {fix}")
+    if len(shape) != 2 or not np.issubdtype(dtype, np.integer):
         raise DataError(f"{where}: codes {path} must be an integer array (num_codebooks, T), got "
-                        f"{codes.dtype} {codes.shape}; delete it and rerun `python data.py prepare`")
-    if codes.shape[0] < num_codebooks:
-        raise DataError(f"{where}: codes {path} have {codes.shape[0]} codebooks, the model needs "
+                        f"{dtype} {shape}; {fix}")
+    if shape[0] < num_codebooks:
+        raise DataError(f"{where}: codes {path} have {shape[0]} codebooks, the model needs "
                         f"{num_codebooks}; re-encode with the model's audio tokenizer")
-    used = codes[:num_codebooks]
-    if used.size and (used.min() < 0 or used.max() >= codebook_size):
-        raise DataError(f"{where}: codes {path} hold values in [{used.min()}, {used.max()}], outside "
+    stale = stale_reason(audio)
+    if stale:
+        raise DataError(f"{where}: codes {path} are stale: {stale}; rerun `python data.py "
+                        "prepare` (it re-encodes stale codes)")
+    if not values:
+        return shape, None
+    try:
+        codes = np.load(path, mmap_mode="r", allow_pickle=False)[:num_codebooks]
+        lo, hi = (int(codes.min()), int(codes.max())) if codes.size else (0, 0)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{where}: cannot read codes {path}: {e}; {fix}")
+    if lo < 0 or hi >= codebook_size:
+        raise DataError(f"{where}: codes {path} hold values in [{lo}, {hi}], outside "
                         f"[0, {codebook_size}); re-encode with the model's audio tokenizer")
-    return codes
+    return shape, codes.astype(np.int16 if codebook_size <= 2 ** 15 else np.int32)
 
 
 def load_codes(part: AudioPart, base_dir: str, num_codebooks: int, codebook_size: int,
                where: str) -> torch.Tensor:
     """(K, T) codes from the `<stem>.codes.npy` sidecar, cut to the part's offset/duration."""
-    codes = read_codes(part, base_dir, num_codebooks, codebook_size, where)
-    codes = codes[:num_codebooks, window(part, CODES_FRAME_RATE, math.ceil)]
+    _, codes = read_codes(part, base_dir, num_codebooks, codebook_size, where)
+    codes = codes[:, window(part, CODES_FRAME_RATE, math.ceil)]
     if codes.shape[1] == 0:
         raise DataError(f"{where}: codes of {part.audio_url} are empty; the audio (or its "
                         "offset/duration window) has no frames")
-    return torch.from_numpy(np.ascontiguousarray(codes)).long()
+    return torch.from_numpy(np.ascontiguousarray(codes))
 
 
-def save_codes(path: str, codes: np.ndarray) -> None:
-    """Write a sidecar whole or not at all (an interrupted prepare leaves no truncated file)."""
+def save_codes(audio: str, codes: np.ndarray, tokenizer: str) -> None:
+    """Write a sidecar whole or not at all (an interrupted prepare leaves no truncated file), then
+    its provenance: the audio it encodes and the tokenizer that encoded it."""
+    path = codes_path(audio)
     with open(path + ".tmp", "wb") as f:
         np.save(f, codes.astype(np.int16 if codes.max(initial=0) < 2 ** 15 else np.int32))
     os.replace(path + ".tmp", path)
+    write_provenance(audio, tokenizer)
+
+
+def write_provenance(audio: str, tokenizer: str) -> None:
+    """`<stem>.codes.json`: the audio its sidecar encodes (size, time, SHA-256) and the tokenizer."""
+    st = os.stat(audio)
+    with open(provenance_path(audio) + ".tmp", "w") as f:
+        json.dump(dict(audio_bytes=st.st_size, audio_mtime_ns=st.st_mtime_ns,
+                       audio_sha256=file_sha256(audio), tokenizer=tokenizer), f)
+    os.replace(provenance_path(audio) + ".tmp", provenance_path(audio))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,17 +288,21 @@ def save_codes(path: str, codes: np.ndarray) -> None:
 def load_audio_tokenizer(path: str, device):
     """transformers' HiggsAudioV2TokenizerModel from a `save_pretrained` folder, in eval mode."""
     path = resolve(path, "--audio_tokenizer")
-    need_file(os.path.join(path, "config.json"), "audio tokenizer config",
-              "--tokenizer / --audio_tokenizer is a folder holding a transformers "
-              "HiggsAudioV2TokenizerModel (config.json + model.safetensors)")
+    config = need_file(os.path.join(path, "config.json"), "audio tokenizer config",
+                       "--tokenizer / --audio_tokenizer is a folder holding a transformers "
+                       "HiggsAudioV2TokenizerModel (config.json + model.safetensors)", ConfigError)
     from transformers import HiggsAudioV2TokenizerModel
 
     model = HiggsAudioV2TokenizerModel.from_pretrained(path).eval().to(device)
     c = model.config
     if (c.sample_rate, c.hop_length) != (CODES_SAMPLE_RATE, CODES_HOP):
-        raise DataError(f"{path}: a {c.sample_rate} Hz tokenizer with hop {c.hop_length}; Higgs-"
-                        f"Audio v2 codes come from the {CODES_SAMPLE_RATE} Hz, hop {CODES_HOP} one "
-                        "(25 frames/s)")
+        raise ConfigError(f"{path}: a {c.sample_rate} Hz tokenizer with hop {c.hop_length}; Higgs-"
+                          f"Audio v2 codes come from the {CODES_SAMPLE_RATE} Hz, hop {CODES_HOP} "
+                          "one (25 frames/s)")
+    # which tokenizer wrote a sidecar (its provenance): its config and the sizes of its weights
+    weights = sorted((n, os.path.getsize(os.path.join(path, n))) for n in os.listdir(path)
+                     if n.endswith(".safetensors"))
+    model.fingerprint = hashlib.sha256((open(config).read() + repr(weights)).encode()).hexdigest()[:16]
     return model
 
 
@@ -192,14 +315,20 @@ def decode_codes(audio_tokenizer, codes: torch.Tensor) -> torch.Tensor:
     return wav[0, 0].float().cpu()
 
 
-def has_valid_sidecar(audio: str, info, num_codebooks: int, codebook_size: int) -> bool:
-    """Whether `audio` already has the codes this tokenizer would write (a rerun keeps them)."""
+def has_valid_sidecar(audio: str, info, audio_tokenizer) -> bool:
+    """Whether `audio` already has the codes this tokenizer would write (a rerun keeps them): not
+    stale, of the right shape, and written by this tokenizer (as far as its provenance tells)."""
+    c = audio_tokenizer.config
     try:
-        codes = read_codes(AudioPart(audio), "", num_codebooks, codebook_size, audio)
-    except DataError:
+        shape, _ = read_codes(AudioPart(audio), "", c.num_quantizers, c.codebook_size, audio)
+        with open(provenance_path(audio)) as f:
+            tokenizer = json.load(f).get("tokenizer")
+    except FileNotFoundError:
+        tokenizer = None
+    except (DataError, ValueError):
         return False
-    return codes.shape[0] == num_codebooks and \
-        frames_match(codes.shape[1], info.frames, info.samplerate)
+    return tokenizer in (None, audio_tokenizer.fingerprint) and shape[0] == c.num_quantizers and \
+        frames_match(shape[1], info.frames, info.samplerate)
 
 
 def _equal_length_batches(files: list[str], batch_size: int, failed: list):
@@ -237,7 +366,7 @@ def encode_files(audio_tokenizer, files: list[str], batch_size: int, failed: lis
                 want = expected_frames(len(wav), CODES_SAMPLE_RATE)
                 raise DataError(f"encoded {f} to {c.shape[1]} frames, expected {want} at 25 frames/s; "
                                 "is the tokenizer a Higgs-Audio v2 audio tokenizer?")
-            save_codes(codes_path(f), c)
+            save_codes(f, c, audio_tokenizer.fingerprint)
         done += len(batch)
         if time.time() - last > 1 or done == len(files):
             last, rate = time.time(), done / max(time.time() - t0, 1e-9)

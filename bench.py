@@ -15,6 +15,15 @@ versions and host CPU that produced them.
     python bench.py --generate --batch_size 16 [--frames 250] [--baseline]
     python bench.py --generate --preset tiny --device cpu      # smoke run
 
+    python bench.py --data DIR --compile --batch_size 16 [--epochs 2]
+    python bench.py --data demo/data/train.jsonl --preset tiny --device cpu    # smoke run
+
+The real path (bench_data): train.py itself on a data file or folder (`python rehearse.py corpus`
+writes a realistic-length one), over --epochs epochs from a fresh start (compilation in its first
+step), then the fixed-shape step on the same GPU; the last line is JSON with
+first_epoch_positions_per_s, steady_positions_per_s (the last epoch), their shares of the fixed
+step's figure, padding_fraction, distinct_shapes, host_syncs_per_step (CUDA) and compiled_graphs.
+
 Generation (bench_generate): greedy voice cloning of --batch_size prompts (text, a --ref_seconds
 reference clip, text) for --frames frames each; the last line is JSON with ms_per_frame and
 audio_seconds_per_s over whole generate calls (prefill included), prefill_seconds and the
@@ -79,6 +88,8 @@ class BenchConfig:
                          choices=("auto", "compile", "cuda_graph", "eager", "dynamic"))
     sample_lora: bool = option(False, "with --generate: with unmerged LoRA adapters of rank "
                                "--lora_r, as train.py --sample_every runs")
+    data: str = option("", "time train.py on this data file or folder (see above)")
+    epochs: int = option(2, "with --data: epochs to train", min=1)
 
 
 def synthetic_samples(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float, target_s: float,
@@ -287,7 +298,6 @@ def bench_generate(args: BenchConfig) -> dict:
                       baseline_peak_gib=base_peak, generate_speedup=base_dt / dt,
                       # exact in fp32; bf16 rounding may part the two after a while
                       baseline_same_codes=torch.equal(got[-1].cpu(), streams))
-    print(json.dumps(result))
     return result
 
 
@@ -404,7 +414,87 @@ def bench_train(args: BenchConfig) -> dict:
         base_dt, base_peak = time_baseline(args, cfg, batch, device, dtype)
         result.update(baseline_positions_per_s=positions / base_dt, baseline_peak_gib=base_peak,
                       speedup=base_dt / dt, memory_ratio=peak / base_peak if peak and base_peak else None)
-    print(json.dumps(result))
+    return result
+
+
+def bench_data(args: BenchConfig) -> dict:
+    """train.py's own pipeline on --data (random weights at the preset's shape, LoRA r=--lora_r),
+    then bench_train's fixed-shape step at the same batch size for comparison."""
+    import tempfile
+    import warnings
+
+    import train
+    from checkpoint import model_spec, official_config
+    from data import Spec, open_dataset
+    from rehearse import released_tokenizer
+
+    device, dtype = resolve_device(args.device, "auto", local_rank())
+    cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = "tiny"
+        if args.preset == "released":  # what model_spec reads: config.json and the tokenizer
+            spec = tmp
+            released_tokenizer(spec)
+            with open(os.path.join(spec, "config.json"), "w") as f:
+                json.dump(official_config(cfg), f)
+        tokenizer, _ = model_spec(spec)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_epoch = len(open_dataset(args.data, Spec(cfg, tokenizer, 4096))) // (args.batch_size * world)
+        argv = ["--model", spec, "--train_data", args.data, "--eval_data", "", "--device",
+                device.type, "--output_dir", os.path.join(tmp, "run"), "--batch_size",
+                str(args.batch_size), "--lora_r", str(args.lora_r), "--lora_alpha",
+                str(args.lora_alpha), "--max_steps", str(args.epochs * per_epoch), "--save_every",
+                str(10 ** 9), "--log_every", str(per_epoch), "--compile_memory_budget",
+                str(args.memory_budget)] + ["--peak_tflops", str(args.peak_tflops)] * (device.type == "cuda") + \
+            ["--compile"] * args.compile + ["--compile_cpp_wrapper"] * args.cpp_wrapper + \
+            ["--activation_checkpointing"] * args.activation_checkpointing
+        import torch._dynamo.utils as dynamo_utils
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        cuda, after_step = device.type == "cuda", []
+
+        def probe(*_):  # after each optimizer step: allocator segments and compiled graphs so far
+            stats = torch.cuda.memory_stats(device) if cuda else {}
+            after_step.append((stats.get("segment.all.allocated", 0),
+                               dynamo_utils.counters["stats"]["unique_graphs"]))
+        hook = register_optimizer_step_post_hook(probe)
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train.train(train.parse(train.TrainConfig, argv), random_model(cfg, device, dtype))
+        hook.remove()
+        torch.cuda.set_sync_debug_mode(0) if cuda else None
+        with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
+            steps = [r for r in map(json.loads, f) if "loss" in r]
+    syncs = sum("synchronizing" in str(w.message) for w in caught)
+    epoch = lambda e: [r for r in steps[1:] if r["epoch"] == e]  # noqa: E731 - step 1 compiles
+    rate = lambda rows: sum(r["positions_per_s"] * r["step_seconds"] for r in rows) / \
+        sum(r["step_seconds"] for r in rows)  # noqa: E731
+    seen, new, old = set(), [], []
+    print("step epoch lengths new seconds +segments +graphs")
+    for r, (segments, graphs), before in zip(steps, after_step, [(0, 0)] + after_step):
+        fresh = tuple(r["batch_lengths"]) not in seen
+        seen.add(tuple(r["batch_lengths"]))
+        print(r["step"], r["epoch"], r["batch_lengths"], int(fresh), round(r["step_seconds"], 4),
+              segments - before[0], graphs - before[1])
+        if r["step"] > 1:
+            (new if fresh else old).append(r["step_seconds"])
+    result = dict(
+        data=args.data, steps=len(steps), steps_per_epoch=per_epoch, first_step_seconds=steps[0]["step_seconds"],
+        first_epoch_positions_per_s=rate(epoch(0)), steady_positions_per_s=rate(epoch(args.epochs - 1)),
+        padding_fraction=sum(r["padding"] for r in steps) / len(steps),
+        distinct_shapes=len({tuple(r["batch_lengths"]) for r in steps}),
+        new_shape_step_s=statistics.median(new) if new else None,
+        seen_shape_step_s=statistics.median(old) if old else None,
+        host_syncs_per_step=syncs / len(steps) if device.type == "cuda" else None,
+        compiled_graphs=dynamo_utils.counters["stats"]["unique_graphs"])
+    fixed = bench_train(args)
+    result.update(fixed_positions_per_s=fixed["positions_per_s"],
+                  first_epoch_share=result["first_epoch_positions_per_s"] / fixed["positions_per_s"],
+                  steady_share=result["steady_positions_per_s"] / fixed["positions_per_s"],
+                  **{k: fixed[k] for k in ("preset", "device", "batch_size", "compile")},
+                  **environment())
     return result
 
 
@@ -412,9 +502,12 @@ def main(argv=None) -> dict:
     args = parse(BenchConfig, argv, __doc__)
     if args.generate:
         args.steps, args.warmup = args.steps or 3, 1 if args.warmup < 0 else args.warmup
-        return bench_generate(args)
-    args.steps, args.warmup = args.steps or 10, 3 if args.warmup < 0 else args.warmup
-    return bench_train(args)
+        result = bench_generate(args)
+    else:
+        args.steps, args.warmup = args.steps or 10, 3 if args.warmup < 0 else args.warmup
+        result = bench_data(args) if args.data else bench_train(args)
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

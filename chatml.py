@@ -7,18 +7,19 @@ part, or a list of those. Turns before `start_index` are context: they carry no 
 """
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from errors import DataError
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM_PROMPT = "Generate audio following instruction."  # the official examples' prompt
 IGNORE = -100  # label of a position that is not supervised
-
-
-class DataError(ValueError):
-    """Bad input, with a message that names the file, the record, the field and the fix."""
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Record:
 @dataclass
 class AudioSegment:
     """One audio part of a record, in order of appearance."""
-    codes: torch.Tensor | None  # (K, T) int64
+    codes: torch.Tensor | None  # (K, T) int16 (int32 for large codebooks)
     waveform: torch.Tensor | None  # mono float32 at 16 kHz (Whisper input only)
     is_out: bool  # assistant audio (generated) vs system/user audio (audio-in)
 
@@ -112,8 +113,8 @@ def _part_from_json(obj, where: str):
         for key in ("offset", "duration"):
             value = obj.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or value < 0):
-                raise DataError(f"{where}.{key} must be a number of seconds >= 0 or null, "
+                                      or not 0 <= value < math.inf):
+                raise DataError(f"{where}.{key} must be a finite number of seconds >= 0 or null, "
                                 f"got {value!r}")
         return AudioPart(url, raw, obj.get("offset"), obj.get("duration"))
     raise DataError(f"{where}: unknown content type {kind!r}; use \"text\" or \"audio\"")
@@ -173,51 +174,51 @@ def cloning_record(ref_text: str, ref_audio: str, text: str, audio: str, speaker
             "start_index": 4, "speaker": speaker}
 
 
-def tokenize_record(record: Record, tokenizer) -> tuple[list[int], list[int], list[tuple[AudioPart, bool]]]:
-    """(input ids, label ids, [(audio part, is_out)]). Each piece is encoded on its own with
-    add_special_tokens=False, exactly as the official code does."""
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    inputs, labels, audios = [], [], []
-    n = len(record.messages)
-    for turn, msg in enumerate(record.messages):
-        trained = record.start_index is None or turn >= record.start_index
-        prefix = ("<|begin_of_text|>" if turn == 0 else "") + \
-            f"<|start_header_id|>{msg.role}<|end_header_id|>\n\n"
-        ids = enc(prefix)
-        inputs += ids
-        labels += [IGNORE] * len(ids)
-        if msg.recipient:
-            ids = enc(f"{msg.recipient}<|recipient|>")
-            inputs += ids
-            labels += ids  # official quirk: recipient tokens are always labelled
-        for part in msg.content:
-            if isinstance(part, TextPart):
-                ids = enc(part.text)
-                supervised = msg.role == "assistant" and trained
-            else:
-                is_out = msg.role == "assistant"
-                audios.append((part, is_out))
-                ids = enc("<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>" if is_out
-                          else "<|audio_bos|><|AUDIO|><|audio_eos|>")
-                supervised = is_out and trained
-            inputs += ids
-            labels += ids if supervised else [IGNORE] * len(ids)
-        next_is_assistant = turn + 1 < n and record.messages[turn + 1].role == "assistant"
-        ids = enc("<|eom_id|>" if msg.role == "assistant" and next_is_assistant else "<|eot_id|>")
-        inputs += ids
-        labels += ids if msg.role == "assistant" and trained else [IGNORE] * len(ids)
-    return inputs, labels, audios
+def tokenize_records(records: list[Record], tokenizer) -> list[tuple[np.ndarray, np.ndarray, list]]:
+    """(input ids, label ids, [(audio part, is_out)]) of each record. Each piece is encoded on its
+    own with add_special_tokens=False, exactly as the official code does; the pieces that do not
+    depend on the record (headers, placeholders, end tokens) are encoded once per tokenizer, and
+    the distinct texts of all records in one batch."""
+    constants = tokenizer.__dict__.setdefault("_piece_ids", {})
 
-
-def need_file(path: str, what: str, fix: str) -> str:
-    """`path` if it is a readable file; otherwise a DataError that says what is actually wrong
-    (missing, a folder, not readable) about `what`, and `fix`."""
-    if os.path.isfile(path):
-        if os.access(path, os.R_OK):
-            return path
-        problem = "is not readable (permission denied)"
-    elif os.path.isdir(path):
-        problem = "is a folder, not a file"
-    else:
-        problem = "not found"
-    raise DataError(f"{what} {path} {problem}; {fix}")
+    def const(piece: str) -> list[int]:
+        if piece not in constants:
+            constants[piece] = tokenizer.encode(piece, add_special_tokens=False)
+        return constants[piece]
+    header = {(first, role): const(("<|begin_of_text|>" if first else "") +
+                                   f"<|start_header_id|>{role}<|end_header_id|>\n\n")
+              for first in (True, False) for role in ROLES}
+    audio_in, audio_out = (const(f"<|audio{d}_bos|><|{p}|><|audio_eos|>")
+                           for d, p in (("", "AUDIO"), ("_out", "AUDIO_OUT")))
+    eom, eot = const("<|eom_id|>"), const("<|eot_id|>")
+    plans, texts = [], []
+    for record in records:
+        plan, audios, msgs = [], [], record.messages  # plan: (ids, or index into texts, trained)
+        for turn, msg in enumerate(msgs):
+            trained = record.start_index is None or turn >= record.start_index
+            assistant = msg.role == "assistant"
+            plan.append((header[turn == 0, msg.role], False))
+            if msg.recipient:  # official quirk: recipient tokens are always labelled
+                plan.append((len(texts), True))
+                texts.append(f"{msg.recipient}<|recipient|>")
+            for part in msg.content:
+                if isinstance(part, TextPart):
+                    plan.append((len(texts), assistant and trained))
+                    texts.append(part.text)
+                else:
+                    audios.append((part, assistant))
+                    plan.append((audio_out if assistant else audio_in, assistant and trained))
+            next_is_assistant = turn + 1 < len(msgs) and msgs[turn + 1].role == "assistant"
+            plan.append((eom if assistant and next_is_assistant else eot, assistant and trained))
+        plans.append((plan, audios))
+    unique = list(dict.fromkeys(texts))  # a cloning data set uses each transcript twice
+    encoded = dict(zip(unique, (e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(
+        unique, add_special_tokens=False)))) if texts else {}
+    out = []
+    for plan, audios in plans:
+        pieces = [encoded[texts[p]] if isinstance(p, int) else p for p, _ in plan]
+        lengths = [len(p) for p in pieces]
+        ids = np.fromiter(itertools.chain.from_iterable(pieces), np.int64, sum(lengths))
+        supervised = np.repeat([s for _, s in plan], lengths)
+        out.append((ids, np.where(supervised, ids, IGNORE), audios))
+    return out

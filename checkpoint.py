@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from chatml import DataError, need_file
+from errors import ConfigError, need_file
 from model import HiggsAudioModel, HiggsConfig, build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +32,7 @@ def resolve(name: str, what: str) -> str:
         return name
     if os.path.exists(name) or not HUB_ID.fullmatch(name):
         kind = "a file, not a folder" if os.path.exists(name) else "no such folder"
-        raise DataError(f"{what} {name}: {kind}; give a checkpoint folder or a Hugging Face Hub "
+        raise ConfigError(f"{what} {name}: {kind}; give a checkpoint folder or a Hugging Face Hub "
                         "id (org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -40,11 +40,11 @@ def resolve(name: str, what: str) -> str:
     try:
         return snapshot_download(name)
     except LocalEntryNotFoundError:
-        raise DataError(f"{what} {name}: not a local folder, and not in the Hugging Face cache while "
+        raise ConfigError(f"{what} {name}: not a local folder, and not in the Hugging Face cache while "
                         "offline (HF_HUB_OFFLINE=1 or no network); download it once with network "
                         f"access (`hf download {name}`) or give a local folder")
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise DataError(f"{what} {name}: not a local folder, and the Hugging Face Hub did not serve "
+        raise ConfigError(f"{what} {name}: not a local folder, and the Hugging Face Hub did not serve "
                         f"it ({type(e).__name__}: {str(e).splitlines()[0]}); check the id, and "
                         "for a private or gated repository set HF_TOKEN")
 
@@ -129,7 +129,7 @@ def read_config(ckpt_dir: str) -> HiggsConfig:
     """The HiggsConfig of a checkpoint folder in either layout."""
     path = need_file(os.path.join(ckpt_dir, "config.json"), "checkpoint config",
                      "--model is a Higgs-Audio checkpoint folder (config.json + *.safetensors + "
-                     "tokenizer), a Hugging Face Hub id, or tiny")
+                     "tokenizer), a Hugging Face Hub id, or tiny", ConfigError)
     with open(path) as f:
         d = json.load(f)
     if d.get("model_type") == "higgs_audio_v2":
@@ -142,12 +142,12 @@ def read_config(ckpt_dir: str) -> HiggsConfig:
         return _transformers_config(d, lambda token: tokenizer.convert_tokens_to_ids(token)
                                     if tokenizer is not None else defaults[token])
     if d.get("model_type") not in (None, "higgs_audio"):
-        raise DataError(f"{path} has model_type {d.get('model_type')!r}; expected 'higgs_audio' "
+        raise ConfigError(f"{path} has model_type {d.get('model_type')!r}; expected 'higgs_audio' "
                         "(official) or 'higgs_audio_v2' (transformers)")
     try:
         return _official_config(d)
     except (KeyError, TypeError) as e:
-        raise DataError(f"{path} is not a Higgs-Audio config (no {e})")
+        raise ConfigError(f"{path} is not a Higgs-Audio config (no {e})")
 
 
 def official_config(cfg: HiggsConfig) -> dict:
@@ -183,7 +183,7 @@ def official_config(cfg: HiggsConfig) -> dict:
 def transformers_config(cfg: HiggsConfig) -> dict:
     """config.json for transformers' HiggsAudioV2ForConditionalGeneration (all-DualFFN models)."""
     if cfg.audio_dual_ffn_layers is not None or cfg.has_audio_tower or not cfg.use_delay_pattern:
-        raise DataError("the transformers higgs_audio_v2 layout only covers the released "
+        raise ConfigError("the transformers higgs_audio_v2 layout only covers the released "
                         "architecture: every layer DualFFN, delay pattern, no audio tower; use "
                         "--format official")
     rope = dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
@@ -209,7 +209,7 @@ def load_tokenizer(ckpt_dir: str):
 
     need_file(os.path.join(ckpt_dir, "tokenizer.json"), "text tokenizer",
               "the checkpoint folder must carry its text tokenizer (tokenizer.json and "
-              "tokenizer_config.json)")
+              "tokenizer_config.json)", ConfigError)
     return PreTrainedTokenizerFast.from_pretrained(ckpt_dir)
 
 
@@ -218,7 +218,7 @@ def check_special_tokens(tokenizer, cfg: HiggsConfig) -> None:
     for token, want in (("<|AUDIO|>", cfg.audio_in_token_id), ("<|AUDIO_OUT|>", cfg.audio_out_token_id)):
         got = tokenizer.convert_tokens_to_ids(token)
         if got != want:
-            raise DataError(f"tokenizer maps {token} to {got} but the model config says {want}: "
+            raise ConfigError(f"tokenizer maps {token} to {got} but the model config says {want}: "
                             "load the tokenizer that belongs to the checkpoint")
 
 
@@ -267,7 +267,7 @@ def safetensors_files(ckpt_dir: str) -> list[str]:
         return [os.path.join(ckpt_dir, s) for s in shards]
     return [need_file(os.path.join(ckpt_dir, "model.safetensors"), "checkpoint weights",
                       "a checkpoint folder holds model.safetensors or model.safetensors.index.json "
-                      "with its shards")]
+                      "with its shards", ConfigError)]
 
 
 def load_model(ckpt_dir: str, device="cpu", dtype=torch.bfloat16) -> HiggsAudioModel:
@@ -285,7 +285,7 @@ def load_model(ckpt_dir: str, device="cpu", dtype=torch.bfloat16) -> HiggsAudioM
     expected = set(model.state_dict().keys())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
-        raise DataError(
+        raise ConfigError(
             f"checkpoint {ckpt_dir} does not match its config.json: missing ({len(missing)}) "
             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}, unexpected ({len(unexpected)}) "
             f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}; check that the folder "

@@ -1,11 +1,12 @@
 """Command-line flags from dataclasses: every field is a `--flag` of the same name, grouped by the
 nested dataclass it sits in, with its help text, default and allowed range taken from the field
-(`option(...)`). A value out of range is one line naming the flag, the value and what is allowed,
+(`option(...)`). A value out of range or not finite is one line naming the flag, the value and what is allowed,
 before any work starts."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 
@@ -74,6 +75,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _check(name: str, value, meta) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"--{name} {value}: must be a finite number ({meta['help']})")
+    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"--{name} {value}: out of range ({meta['help']})")
     bounds = [(meta.get("min"), lambda v, b: v >= b, ">="), (meta.get("max"), lambda v, b: v <= b, "<="),
               (meta.get("above"), lambda v, b: v > b, ">")]
     for bound, ok, sign in bounds:

@@ -1,5 +1,5 @@
 """Batching: the official collator's semantics (OFFICIAL.md section 5) as a pure function that also
-does the model's placeholder expansion (section 6) on the CPU.
+does the model's placeholder expansion (section 6, planned by data.audio_plan) on the CPU.
 
 Every `<|AUDIO_OUT|>` / `<|AUDIO|>` placeholder is replaced in place by its audio positions, so
 the model receives a right-padded, already-expanded batch plus index tensors:
@@ -15,15 +15,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from audio import CODES_FRAME_RATE, WHISPER_SAMPLE_RATE
-from chatml import IGNORE, DataError, Sample
-from audio_tower import tower_lengths
-
-WHISPER_CHUNK_SECONDS = 30
-WHISPER_HOP = 160  # samples per mel frame of WhisperFeatureExtractor
-
-# position kinds in the expanded sequence
-TEXT, AUDIO_IN_CODES, AUDIO_OUT, WHISPER = 0, 1, 2, 3
+from audio import WHISPER_SAMPLE_RATE
+from chatml import IGNORE, Sample
+from data import AUDIO_IN_CODES, AUDIO_OUT, TEXT, WHISPER, WHISPER_HOP, audio_plan, piece_length
 
 
 @dataclass
@@ -79,60 +73,6 @@ def wrap_codes(codes: torch.Tensor, bos: int, eos: int, delay: bool) -> torch.Te
 def audio_out_labels(codes: torch.Tensor, eos: int, delay: bool) -> torch.Tensor:
     """Labels of an audio-out segment: IGNORE, codes, EOS (delay fill IGNORE)."""
     return delayed_stream(codes, IGNORE, eos, IGNORE, IGNORE, delay)
-
-
-def audio_plan(sample: Sample, cfg) -> list[tuple[int, list[tuple[int, object]]]]:
-    """What each audio placeholder of `sample` becomes, in order: (token index, pieces), a piece
-    being (AUDIO_OUT or AUDIO_IN_CODES, unwrapped codes (K, T)), (WHISPER, a waveform chunk of at
-    most 30 s) or (TEXT, token index) for the <|audio_eos|><|audio_bos|> each extra 30 s chunk
-    repeats. A placeholder with nothing to fill in (no codes, no Whisper) stays a text token."""
-    K, plan, audios = cfg.audio_num_codebooks, [], iter(sample.audios)
-
-    def next_audio(i):
-        seg = next(audios, None)
-        if seg is None:
-            raise DataError(f"{sample.source}: token {i} is an audio placeholder with no audio part; "
-                            "does a text contain <|AUDIO|> or <|AUDIO_OUT|> literally?")
-        return seg
-    chunk = WHISPER_CHUNK_SECONDS * WHISPER_SAMPLE_RATE
-    frames = WHISPER_CHUNK_SECONDS * CODES_FRAME_RATE  # codes per chunk
-    for i, tok in enumerate(sample.input_ids.tolist()):
-        if tok == cfg.audio_out_token_id:
-            plan.append((i, [(AUDIO_OUT, next_audio(i).codes[:K])]))
-        elif tok == cfg.audio_in_token_id:
-            seg, pieces = next_audio(i), []
-            if cfg.uses_whisper:
-                # a chunk's codes are the same 30 s window (the official collator pairs them with
-                # the wrong audio here, OFFICIAL.md section 8)
-                for c, s in enumerate(range(0, len(seg.waveform), chunk)):
-                    if c > 0:
-                        pieces += [(TEXT, i + 1), (TEXT, i - 1)]
-                    pieces.append((WHISPER, seg.waveform[s:s + chunk]))
-                    if cfg.encode_audio_in_tokens and seg.codes[:, c * frames:].shape[1]:
-                        pieces.append((AUDIO_IN_CODES, seg.codes[:K, c * frames:(c + 1) * frames]))
-            elif cfg.encode_audio_in_tokens:
-                pieces.append((AUDIO_IN_CODES, seg.codes[:K]))
-            plan.append((i, pieces or [(TEXT, i)]))
-    if next(audios, None) is not None:
-        raise DataError(f"{sample.source}: {len(sample.audios)} audio parts but fewer audio "
-                        "placeholders in the tokens")
-    return plan
-
-
-def piece_length(kind: int, payload, cfg) -> int:
-    """Positions a piece of audio_plan takes in the expanded sequence."""
-    if kind == WHISPER:
-        return int(tower_lengths(-(-len(payload) // WHISPER_HOP))[1])
-    if kind == TEXT:
-        return 1
-    return payload.shape[1] + 2 + (cfg.audio_num_codebooks - 1 if cfg.use_delay_pattern else 0)
-
-
-def expanded_length(sample: Sample, cfg) -> int:
-    """Positions the collator gives `sample`, without collating: for length checks and
-    length-aware batching."""
-    return len(sample.input_ids) + sum(sum(piece_length(k, p, cfg) for k, p in pieces) - 1
-                                       for _, pieces in audio_plan(sample, cfg))
 
 
 class Collator:
@@ -207,10 +147,10 @@ class Collator:
             kinds[b, :n] = torch.tensor(e["kinds"], dtype=torch.long)
             attention_mask[b, :n] = True
             if e["in_codes"]:
-                codes_at[b][kinds[b] == AUDIO_IN_CODES] = torch.cat(e["in_codes"], dim=1).T
+                codes_at[b][kinds[b] == AUDIO_IN_CODES] = torch.cat(e["in_codes"], dim=1).T.long()
             if e["out_codes"]:
-                codes_at[b][kinds[b] == AUDIO_OUT] = torch.cat(e["out_codes"], dim=1).T
-                out_label_at[b][kinds[b] == AUDIO_OUT] = torch.cat(e["out_labels"], dim=1).T
+                codes_at[b][kinds[b] == AUDIO_OUT] = torch.cat(e["out_codes"], dim=1).T.long()
+                out_label_at[b][kinds[b] == AUDIO_OUT] = torch.cat(e["out_labels"], dim=1).T.long()
             wav_chunks += e["wavs"]
 
         flat_kinds = kinds.view(-1)

@@ -1,16 +1,25 @@
-"""Data: records become validated Samples, and the data command line:
+"""Data: records become validated samples, and the data command line:
 
-    python data.py check DATA [--model CKPT|tiny]      # validate and report; exit 1 if invalid
-    python data.py prepare DATA --tokenizer AUDIO_TOK  # write the .codes.npy sidecars
+    python data.py check DATA [--model CKPT|tiny] [--workers N]  # validate and report; exit 1 if invalid
+    python data.py prepare DATA --tokenizer AUDIO_TOK           # write the .codes.npy sidecars
 
 DATA is a data file or folder in any format of formats.py. Validation is shared by `check` and
 training: every problem is reported with the file, the record, the field as the input names it,
-and the fix; nothing is invented or silently dropped.
+and the fix; nothing is invented or silently dropped. Training keeps what validation found in a
+compact index (Dataset) next to the data, reused while the data is unchanged; a sample's codes are
+read when it is batched.
 """
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
+import math
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import random
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,78 +28,159 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audio import (CODES_SAMPLE_RATE, WHISPER_SAMPLE_RATE, audio_info, codes_path, encode_files,
-                   expected_frames, frames_match, has_valid_sidecar, load_audio,
-                   load_audio_tokenizer, load_codes, read_codes, resampled_length, window)
-from chatml import (AudioPart, AudioSegment, DataError, Record, Sample, TextPart, audio_paths,
-                    field_name, record_to_json, resolve_audio_path, tokenize_record)
+from audio import (CODES_FRAME_RATE, CODES_SAMPLE_RATE, WHISPER_SAMPLE_RATE, audio_info, codes_path,
+                   encode_files, expected_frames, frames_match, has_valid_sidecar, load_audio,
+                   load_audio_tokenizer, load_codes, provenance_path, read_codes,
+                   resampled_length, window)
+from audio_tower import tower_lengths
+from chatml import (IGNORE, AudioPart, AudioSegment, Record, Sample, TextPart, audio_paths,
+                    field_name, record_to_json, resolve_audio_path, tokenize_records)
 from checkpoint import model_spec
 from cli import option, parse
 from device import resolve_device
-from collate import expanded_length
-from formats import FORMATS, Invalid, read_records
-from health import SPEAKING_RATE_FACTOR
+from errors import ConfigError, DataError, UserError
+from formats import FORMATS, Invalid, read_items, read_records, to_record
 from model import HiggsConfig
 
+SPEAKING_RATE_FACTOR = 2.5  # a target this many times faster or slower than the median is odd
+INDEX_VERSION = 2
+CHUNK = 1000  # records validated together (one tokenizer batch; one task of a worker)
 
-def make_sample(record: Record, tokenizer, cfg) -> Sample:
-    """Tokenize a record and load its audio codes (and waveforms when the model uses Whisper)."""
-    inputs, labels, audio_parts = tokenize_record(record, tokenizer)
-    audios = []
-    for i, (part, is_out) in enumerate(audio_parts):
-        where = f"{record.source}: audio {i} ({part.audio_url or 'raw_audio'})"
-        needs_codes = is_out or cfg.encode_audio_in_tokens
-        codes = load_codes(part, record.base_dir, cfg.audio_num_codebooks, cfg.audio_codebook_size,
-                           where) if needs_codes else None
-        wav = load_audio(part, record.base_dir, WHISPER_SAMPLE_RATE, where) \
-            if (not is_out and cfg.uses_whisper) else None
-        audios.append(AudioSegment(codes, wav, is_out))
-    return Sample(torch.tensor(inputs, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
-                  audios, record.source)
+# ----------------------------------------------------------------------------------------------
+# What a sample becomes: the collator's expansion (OFFICIAL.md section 6), as positions
+
+WHISPER_CHUNK_SECONDS = 30
+WHISPER_HOP = 160  # samples per mel frame of WhisperFeatureExtractor
+TEXT, AUDIO_IN_CODES, AUDIO_OUT, WHISPER = 0, 1, 2, 3  # position kinds in the expanded sequence
+
+
+def audio_plan(sample: Sample, cfg) -> list[tuple[int, list[tuple[int, object]]]]:
+    """What each audio placeholder of `sample` becomes, in order: (token index, pieces), a piece
+    being (AUDIO_OUT or AUDIO_IN_CODES, unwrapped codes (K, T)), (WHISPER, a waveform chunk of at
+    most 30 s) or (TEXT, token index) for the <|audio_eos|><|audio_bos|> each extra 30 s chunk
+    repeats. A placeholder with nothing to fill in (no codes, no Whisper) stays a text token."""
+    K, plan, audios = cfg.audio_num_codebooks, [], iter(sample.audios)
+    ids = np.asarray(sample.input_ids)
+
+    def next_audio(i):
+        seg = next(audios, None)
+        if seg is None:
+            raise DataError(f"{sample.source}: token {i} is an audio placeholder with no audio part; "
+                            "does a text contain <|AUDIO|> or <|AUDIO_OUT|> literally?")
+        return seg
+    chunk = WHISPER_CHUNK_SECONDS * WHISPER_SAMPLE_RATE
+    frames = WHISPER_CHUNK_SECONDS * CODES_FRAME_RATE  # codes per chunk
+    for i in np.flatnonzero((ids == cfg.audio_out_token_id) | (ids == cfg.audio_in_token_id)):
+        i, tok = int(i), int(ids[i])
+        if tok == cfg.audio_out_token_id:
+            plan.append((i, [(AUDIO_OUT, next_audio(i).codes[:K])]))
+        elif tok == cfg.audio_in_token_id:
+            seg, pieces = next_audio(i), []
+            if cfg.uses_whisper:
+                # a chunk's codes are the same 30 s window (the official collator pairs them with
+                # the wrong audio here, OFFICIAL.md section 8)
+                for c, s in enumerate(range(0, len(seg.waveform), chunk)):
+                    if c > 0:
+                        pieces += [(TEXT, i + 1), (TEXT, i - 1)]
+                    pieces.append((WHISPER, seg.waveform[s:s + chunk]))
+                    if cfg.encode_audio_in_tokens and seg.codes[:, c * frames:].shape[1]:
+                        pieces.append((AUDIO_IN_CODES, seg.codes[:K, c * frames:(c + 1) * frames]))
+            elif cfg.encode_audio_in_tokens:
+                pieces.append((AUDIO_IN_CODES, seg.codes[:K]))
+            plan.append((i, pieces or [(TEXT, i)]))
+    if next(audios, None) is not None:
+        raise DataError(f"{sample.source}: {len(sample.audios)} audio parts but fewer audio "
+                        "placeholders in the tokens")
+    return plan
+
+
+def piece_length(kind: int, payload, cfg) -> int:
+    """Positions a piece of audio_plan takes in the expanded sequence."""
+    if kind == WHISPER:
+        return int(tower_lengths(-(-len(payload) // WHISPER_HOP))[1])
+    if kind == TEXT:
+        return 1
+    return payload.shape[1] + 2 + (cfg.audio_num_codebooks - 1 if cfg.use_delay_pattern else 0)
+
+
+def expanded_length(sample: Sample, cfg) -> int:
+    """Positions the collator gives `sample`, without collating (only the shapes of its codes and
+    waveforms are read)."""
+    return len(sample.input_ids) + sum(sum(piece_length(k, p, cfg) for k, p in pieces) - 1
+                                       for _, pieces in audio_plan(sample, cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class Spec:
+    """What validation checks the records against, besides the data itself."""
+    cfg: HiggsConfig
+    tokenizer: object = None  # None: no tokens, lengths or samples (`check` without --model)
+    max_seq_len: int | None = None
+    require_audio: bool = True  # training data must have trained assistant audio
+    values: bool = False  # read the codes and check their range (else headers only)
+
+    def key(self) -> str:
+        """What an index depends on besides the data."""
+        c, tok = self.cfg, self.tokenizer
+        vocab = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() if tok else ""
+        return json.dumps([INDEX_VERSION, vocab, c.audio_num_codebooks, c.audio_codebook_size,
+                           c.use_delay_pattern, c.encode_audio_in_tokens, c.uses_whisper,
+                           c.audio_in_token_id, c.audio_out_token_id, self.max_seq_len,
+                           self.require_audio, self.values])
 
 
 @dataclass
 class Checked:
-    """A valid record and what the report needs; `sample` and `length` when a tokenizer was given."""
+    """A valid record and what the report needs."""
     record: Record
     target_seconds: float = 0.0
     target_chars: int | None = None  # text of the single target, for its speaking rate
-    audio: dict = field(default_factory=dict)  # audio file -> soundfile info
-    sample: Sample | None = None
-    length: int | None = None
+    segments: list = field(default_factory=list)  # (part, file or None, is_out, codes frames,
+    #                                                 16 kHz samples)
 
 
-def _check_audio(part: AudioPart, record: Record, where: str, cfg, needs_codes: bool,
-                 cache: dict, checked: Checked) -> float:
-    """Seconds in the part's window; raises if its audio is missing, unreadable or empty, or (when
-    the model needs codes) its sidecar is missing, malformed, or does not match the audio length."""
-    key = None if part.raw_audio else resolve_audio_path(part, record.base_dir)
+def _check_audio(part: AudioPart, key: str | None, record: Record, where: str, spec: Spec,
+                 needs_codes: bool, cache: dict) -> tuple[float, int, int]:
+    """(seconds in the part's window, codes frames in it, its 16 kHz samples); raises if the
+    audio (the file `key`, or raw audio) is missing, unreadable or empty, or (when the model
+    needs codes) its sidecar is missing, malformed, stale or of another length. `cache` holds
+    each file's results."""
     info = cache.get(key) or audio_info(part, record.base_dir, where)
     if key:
-        cache[key] = checked.audio[key] = info
-    seconds = len(range(info.frames)[window(part, info.samplerate)]) / info.samplerate
-    if seconds == 0:
+        cache[key] = info
+    n = len(range(info.frames)[window(part, info.samplerate)])
+    if n == 0:
         raise DataError(f"{where}: the offset/duration window ({part.offset}, {part.duration}) "
                         f"holds no audio of the {info.frames / info.samplerate:.2f} s file; fix "
                         "offset/duration")
-    if needs_codes and (key, "codes") not in cache:
-        codes = read_codes(part, record.base_dir, cfg.audio_num_codebooks, cfg.audio_codebook_size,
-                           where)
-        if not frames_match(codes.shape[1], info.frames, info.samplerate):
-            want = expected_frames(info.frames, info.samplerate)
-            raise DataError(f"{where}: codes {codes_path(key)} have {codes.shape[1]} frames but "
-                            f"the audio ({info.frames / info.samplerate:.2f} s) gives {want} at 25 "
-                            "frames/s: the sidecar belongs to another file or an older version of "
-                            "it; delete it and rerun `python data.py prepare`")
-        cache[(key, "codes")] = True
-    return seconds
+    frames = 0
+    if needs_codes:
+        if (key, "codes") not in cache:
+            K = spec.cfg.audio_num_codebooks
+            shape, _ = read_codes(part, record.base_dir, K, spec.cfg.audio_codebook_size, where,
+                                  spec.values)
+            if not frames_match(shape[1], info.frames, info.samplerate):
+                want = expected_frames(info.frames, info.samplerate)
+                raise DataError(f"{where}: codes {codes_path(key)} have {shape[1]} frames but "
+                                f"the audio ({info.frames / info.samplerate:.2f} s) gives {want} at "
+                                "25 frames/s: the sidecar belongs to another file or an older "
+                                "version of it; delete it and rerun `python data.py prepare`")
+            cache[(key, "codes")] = shape[1]
+        frames = len(range(cache[(key, "codes")])[window(part, CODES_FRAME_RATE, math.ceil)])
+        if frames == 0:
+            raise DataError(f"{where}: codes of {part.audio_url} are empty; the audio (or its "
+                            "offset/duration window) has no frames")
+    return n / info.samplerate, frames, resampled_length(n, info.samplerate, WHISPER_SAMPLE_RATE)
 
 
-def check_record(record: Record, cfg, cache: dict | None = None,
-                 require_audio: bool = True) -> Checked:
+def check_record(record: Record, spec: Spec, cache: dict | None = None) -> Checked:
     """Everything about a record that needs no text tokenizer: role order, empty text, a trained
-    assistant turn (with audio, for training data: `require_audio`), audio files and (as `cfg`
-    needs them) their codes sidecars. `cache` shares per-file results between the records."""
+    assistant turn (with audio, for training data), audio files and (as the model needs them)
+    their codes sidecars. `cache` shares per-file results between the records."""
     cache = {} if cache is None else cache
     src, msgs, start = record.source, record.messages, record.start_index
     if not msgs:
@@ -123,7 +213,7 @@ def check_record(record: Record, cfg, cache: dict | None = None,
                         "part" + (", or lower start_index" if start else ""))
     targets = [(i, j) for i in trained for j, p in enumerate(msgs[i].content)
                if isinstance(p, AudioPart)]
-    if require_audio and not targets:
+    if spec.require_audio and not targets:
         raise DataError(f"{src}: no trainable assistant audio (other Higgs-Audio training scripts "
                         "report \"Missing required message types\"): the trained assistant turn"
                         f"{'s' if len(trained) > 1 else ''} {', '.join(f'messages[{i}]' for i in trained)} "
@@ -134,66 +224,417 @@ def check_record(record: Record, cfg, cache: dict | None = None,
     for i, m in enumerate(msgs):
         for j, p in enumerate(m.content):
             if isinstance(p, AudioPart):
-                needs_codes = m.role == "assistant" or cfg.encode_audio_in_tokens
-                seconds = _check_audio(p, record, f"{src}: {field_name(record, i, j)}", cfg,
-                                       needs_codes, cache, checked)
+                is_out, key = m.role == "assistant", \
+                    p.audio_url and resolve_audio_path(p, record.base_dir)
+                seconds, frames, samples = _check_audio(
+                    p, key, record, f"{src}: {field_name(record, i, j)}", spec,
+                    is_out or spec.cfg.encode_audio_in_tokens, cache)
                 checked.target_seconds += seconds if (i, j) in targets else 0.0
+                checked.segments.append((p, key, is_out, frames, samples))
     prev = msgs[targets[0][0] - 1] if len(targets) == 1 else None  # a user turn precedes a target
     if prev and prev.role == "user" and all(isinstance(p, TextPart) for p in prev.content):
         checked.target_chars = sum(len(p.text.strip()) for p in prev.content)
     return checked
 
 
-def validate(records: list[Record], cfg, tokenizer=None, max_seq_len: int | None = None,
-             require_audio: bool = True) -> tuple[list[Checked], list[Invalid]]:
-    """Every record checked, the failures returned with their reasons instead of raised. With a
-    tokenizer each record is also made into a Sample whose expanded length must fit max_seq_len."""
-    cache, checked, invalid = {}, [], []
-    for r in records:
+def shape_sample(ids: np.ndarray, segments: list, cfg, source: str) -> Sample:
+    """A Sample whose codes and waveforms are stand-ins of the right shapes (no memory): enough
+    for expanded_length before any codes are read."""
+    shaped = lambda *shape: np.broadcast_to(np.int16(0), shape)  # noqa: E731
+    return Sample(ids, ids, [AudioSegment(shaped(cfg.audio_num_codebooks, frames), shaped(samples),
+                                          is_out) for _, _, is_out, frames, samples in segments],
+                  source)
+
+
+def load_segment(part: AudioPart, base_dir: str, is_out: bool, cfg, where: str) -> AudioSegment:
+    """A segment's codes (when the model reads them) and 16 kHz waveform (Whisper input only)."""
+    codes = load_codes(part, base_dir, cfg.audio_num_codebooks, cfg.audio_codebook_size, where) \
+        if is_out or cfg.encode_audio_in_tokens else None
+    wav = load_audio(part, base_dir, WHISPER_SAMPLE_RATE, where) \
+        if not is_out and cfg.uses_whisper else None
+    return AudioSegment(codes, wav, is_out)
+
+
+def make_sample(record: Record, tokenizer, cfg) -> Sample:
+    """Tokenize a record and load its audio codes (and waveforms when the model uses Whisper)."""
+    inputs, labels, audio_parts = tokenize_records([record], tokenizer)[0]
+    audios = [load_segment(part, record.base_dir, is_out, cfg,
+                           f"{record.source}: audio {i} ({part.audio_url or 'raw_audio'})")
+              for i, (part, is_out) in enumerate(audio_parts)]
+    return Sample(torch.from_numpy(inputs), torch.from_numpy(labels), audios, record.source)
+
+
+def item_hash(payload) -> int:
+    """A record's identity for the fingerprint: its JSONL line, or its (converted) object."""
+    return hash64(payload.decode() if isinstance(payload, bytes) else json.dumps(
+        payload if not isinstance(payload, tuple) else payload[0], sort_keys=True, default=str))
+
+
+def validate_chunk(task) -> dict:
+    """Validate records start.. of a chunk of read_items: compact arrays of the valid ones (their
+    tokens, segments, lengths), the invalid ones with reasons, every record's hash, the state of
+    every file they use, and the report's figures. Runs in a worker process (reads _SPEC)."""
+    items, start, fmt, base_dir = task
+    spec, cache, good, invalid, media = _SPEC, {}, [], [], set()
+    for index, (source, payload) in enumerate(items, start):
         try:
-            c = check_record(r, cfg, cache, require_audio)
-            if tokenizer is not None:
-                c.sample = make_sample(r, tokenizer, cfg)
-                c.length = expanded_length(c.sample, cfg)
-                if max_seq_len and c.length > max_seq_len:
-                    raise DataError(f"{r.source}: {c.length} positions after audio expansion, more "
-                                    f"than --max_seq_len {max_seq_len}; split its audio into shorter "
-                                    "clips, or raise --max_seq_len if the GPU memory allows")
-            checked.append(c)
+            record = to_record(source, payload, fmt, base_dir, index)
         except DataError as e:
-            invalid.append(Invalid(r.index, r.source, str(e)))
-    return checked, invalid
+            invalid.append(Invalid(index, source, str(e)))
+            continue
+        try:
+            good.append(check_record(record, spec, cache))
+            media.update(f for _, f, _, _, _ in good[-1].segments if f)
+        except DataError as e:
+            invalid.append(Invalid(index, source, str(e)))
+            media |= audio_paths([record])
+    tokens = tokenize_records([c.record for c in good], spec.tokenizer) if spec.tokenizer else \
+        [([], [], [])] * len(good)
+    out = dict(index=[], source=[], ids=[], supervised=[], segments=[], lengths=[], speaker=[],
+               seconds=[], chars=[], invalid=invalid, hashes=[item_hash(p) for _, p in items],
+               files={}, media={f: file_states(f) for f in media})
+    for c, (ids, labels, _) in zip(good, tokens):
+        r = c.record
+        if spec.tokenizer is not None:
+            length = expanded_length(shape_sample(ids, c.segments, spec.cfg, r.source), spec.cfg)
+            if spec.max_seq_len and length > spec.max_seq_len:
+                invalid.append(Invalid(r.index, r.source, (
+                    f"{r.source}: {length} positions after audio expansion, more than --max_seq_len "
+                    f"{spec.max_seq_len}; split its audio into shorter clips, or raise "
+                    "--max_seq_len if the GPU memory allows")))
+                continue
+            out["lengths"].append(length)
+            out["ids"].append(ids.astype(np.int32))
+            out["supervised"].append(labels != IGNORE)
+        out["index"].append(r.index)
+        out["source"].append(r.source)
+        out["segments"].append([(f or p.raw_audio, not f, p.offset, p.duration, is_out)
+                                for p, f, is_out, _, _ in c.segments])
+        for _, f, _, _, _ in c.segments:
+            if f:
+                info = cache[f]
+                out["files"].setdefault(f, (info.samplerate, info.channels, info.frames, r.source))
+        out["speaker"].append(r.speaker)
+        out["seconds"].append(c.target_seconds)
+        out["chars"].append(c.target_chars)
+    out["invalid"].sort(key=lambda x: x.index)
+    return out
+
+
+def file_states(audio: str) -> tuple[str, list[int], list[int]]:
+    """The state of an audio file, its codes sidecar and its provenance file: "path|size|time"
+    lines ("path|-" when missing: one that appears changes the data), and hashes of each path
+    and each state, so that a change can be counted."""
+    lines = []
+    for p in (audio, codes_path(audio), provenance_path(audio)):
+        try:
+            st = os.stat(p)
+            lines.append((p, f"{st.st_size}|{st.st_mtime_ns}"))
+        except OSError:
+            lines.append((p, "-"))
+    return ("".join(f"{p}|{state}\n" for p, state in lines), [hash64(p) for p, _ in lines],
+            [hash64(state) for _, state in lines])
+
+
+_SPEC: Spec | None = None  # the Spec of validate_chunk's worker processes
+
+
+def validate(path: str, spec: Spec, fmt: str = "auto", workers: int = 1, task=validate_chunk):
+    """(items, format, base folder, the results of `task` on each chunk of items) of a data
+    file or folder, in order; `workers` processes share the chunks when there are several."""
+    items, fmt, base_dir = read_items(path, fmt)
+    chunks = [(items[i:i + CHUNK], i, fmt, base_dir) for i in range(0, len(items), CHUNK)]
+    return items, fmt, base_dir, parallel_map(task, chunks, workers, spec)
+
+
+def parallel_map(task, inputs: list, workers: int, spec: Spec | None = None) -> list:
+    """[task(x) for x in inputs], in `workers` processes when there are several; `task` reads
+    `spec` as _SPEC. The processes come from a fork server (a fresh process), not from this one,
+    whose threads (a process group's, the tokenizer's) a forked child could inherit locked."""
+    workers = min(workers, len(inputs))
+    if workers <= 1:
+        set_spec(spec)
+        return [task(x) for x in inputs]
+    with start_workers().Pool(workers, initializer=set_spec, initargs=(spec, True)) as pool:
+        return pool.map(task, inputs, chunksize=1)
+
+
+def start_workers():
+    """The multiprocessing context of parallel_map, its fork server started (it imports this
+    module while the caller goes on: call it early)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["data"])
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def set_spec(spec: Spec | None, worker: bool = False) -> None:
+    global _SPEC
+    _SPEC = spec
+    if worker:  # what the worker imported is never garbage: the collector need not scan it
+        gc.freeze()
+
+
+def default_workers() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# The index: a validated data set, kept next to the data and reused while it is unchanged
+
+
+def records_digest(path: str) -> str:
+    """SHA-256 of the records: the data file's bytes, or for a folder its transcripts and lists
+    (names, sizes and modification times; the audio counts as media)."""
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    for folder, subfolders, files in sorted(os.walk(path)):
+        subfolders[:] = sorted(d for d in subfolders if d != ".higgs_index")
+        for name in sorted(files):
+            if name.endswith((".txt", ".csv")):
+                st = os.stat(os.path.join(folder, name))
+                h.update(f"{os.path.relpath(os.path.join(folder, name), path)}|{st.st_size}|"
+                         f"{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def media_state(states: list[tuple]) -> tuple[str, np.ndarray, np.ndarray]:
+    """The file_states of a data set's audio files, in order: their SHA-256 and the hashes."""
+    return (hashlib.sha256("".join(s[0] for s in states).encode()).hexdigest(),
+            np.array([h for s in states for h in s[1]], dtype=np.uint64),
+            np.array([h for s in states for h in s[2]], dtype=np.uint64))
+
+
+@dataclass
+class Fingerprint:
+    """What a run trained on: the records (their content, a hash per record) and the media
+    (sizes and times, a hash per file), so that a change can be said in words."""
+    records: str
+    media: str
+    hashes: np.ndarray  # uint64, one per record of the data set, valid or not
+    media_paths: np.ndarray  # uint64 per media file
+    media_states: np.ndarray
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of it."""
+        return {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in vars(self).items()}
+
+    def change_from(self, old: "Fingerprint") -> str | None:
+        """What changed since `old`, in words; None if nothing did."""
+        if (self.records, self.media) == (old.records, old.media):
+            return None
+        words = []
+        if self.records != old.records:
+            new, was = Counter(self.hashes.tolist()), Counter(old.hashes.tolist())
+            added, removed = sum((new - was).values()), sum((was - new).values())
+            edited = min(added, removed)
+            words += [f"{n} records {what}" for n, what in ((edited, "edited"),
+                      (added - edited, "added"), (removed - edited, "removed")) if n]
+            words = words or ["the records were reordered or reformatted"]
+        was = dict(zip(old.media_paths.tolist(), old.media_states.tolist()))
+        changed = sum(was.get(p, s) != s for p, s in zip(self.media_paths.tolist(),
+                                                        self.media_states.tolist()))
+        if changed:
+            words.append(f"{changed} audio or codes files changed (size or modification time)")
+        return ", ".join(words) or "the records now use other audio files"
+
+
+class Dataset:
+    """The valid samples of a data set, as validation left them: token ids and supervision
+    masks (concatenated), each sample's audio segments (file, window, direction) and expanded
+    length, the invalid records, and the fingerprint. Arrays are memory-mapped, so every rank
+    and DataLoader worker shares one copy; codes are read and range-checked in __getitem__."""
+
+    ARRAYS = ("ids", "supervised", "id_offsets", "seg_file", "seg_offset", "seg_duration",
+              "seg_out", "seg_offsets", "lengths", "hashes", "media_paths", "media_states")
+
+    def __init__(self, folder: str, spec: Spec):
+        self.folder, self.spec = folder, spec
+        with open(os.path.join(folder, "meta.json")) as f:
+            self.meta = json.load(f)
+        for name in self.ARRAYS:
+            setattr(self, name, np.load(os.path.join(folder, name + ".npy"), mmap_mode="r"))
+        with open(os.path.join(folder, "files.json")) as f:
+            self.files = json.load(f)
+        self.invalid = [Invalid(*x) for x in self.meta["invalid"]]
+        self.fingerprint = Fingerprint(self.meta["records"], self.meta["media"], self.hashes,
+                                       self.media_paths, self.media_states)
+        self._sources = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        ids = torch.from_numpy(self.ids[self.id_offsets[i]:self.id_offsets[i + 1]].astype(np.int64))
+        labels = torch.where(torch.from_numpy(
+            np.array(self.supervised[self.id_offsets[i]:self.id_offsets[i + 1]])), ids, IGNORE)
+        segments = []
+        for s in range(self.seg_offsets[i], self.seg_offsets[i + 1]):
+            f, raw = self.files[self.seg_file[s]]
+            part = AudioPart(None if raw else f, f if raw else None,
+                             *(None if math.isnan(x) else float(x)
+                               for x in (self.seg_offset[s], self.seg_duration[s])))
+            try:
+                segments.append(load_segment(part, "", bool(self.seg_out[s]), self.spec.cfg,
+                                             f or "raw_audio"))
+            except DataError as e:
+                raise DataError(f"{self.source(i)}: {e} (`python data.py check` reads every "
+                                "sidecar)")
+        return Sample(ids, labels, segments, self.source(i))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def source(self, i: int) -> str:
+        """Where sample i is (file:line (record N)), read from the index when first needed."""
+        if self._sources is None:
+            with open(os.path.join(self.folder, "sources.json")) as f:
+                self._sources = json.load(f)
+        return self._sources[i]
+
+    def unchanged(self, path: str) -> bool:
+        if self.meta["records"] != records_digest(path):
+            return False
+        with open(os.path.join(self.folder, "audio_files.txt")) as f:
+            audio = f.read().split("\n")[:-1]
+        return self.meta["media"] == media_state([file_states(f) for f in audio])[0]
+
+    @staticmethod
+    def write(folder: str, path: str, spec: Spec, workers: int) -> None:
+        """Validate `path` and write its index to `folder` (a temporary folder renamed into place,
+        so a reader never sees half an index)."""
+        records = records_digest(path)
+        _, fmt, base_dir, parts = validate(path, spec, workers=workers)
+        files, arrays, sources, media = {}, {n: [] for n in Dataset.ARRAYS}, [], {}
+        for part in parts:
+            for name in ("ids", "supervised", "lengths", "hashes"):
+                arrays[name] += part[name]
+            sources += part["source"]
+            for segs in part["segments"]:
+                for f, raw, offset, duration, is_out in segs:
+                    arrays["seg_file"].append(files.setdefault((f, raw), len(files)))
+                    arrays["seg_offset"].append(math.nan if offset is None else offset)
+                    arrays["seg_duration"].append(math.nan if duration is None else duration)
+                    arrays["seg_out"].append(is_out)
+                arrays["seg_offsets"].append(len(segs))
+            media.update(part["media"])
+        audio = sorted(media)
+        digest, arrays["media_paths"], arrays["media_states"] = media_state([media[f] for f in audio])
+        meta = dict(version=INDEX_VERSION, format=fmt, path=os.path.abspath(path), records=records,
+                    media=digest,
+                    invalid=[(x.index, x.source, x.reason) for p in parts for x in p["invalid"]])
+        n_ids = [len(x) for x in arrays["ids"]]
+        arrays["ids"] = np.concatenate(arrays["ids"]) if n_ids else []
+        arrays["supervised"] = np.concatenate(arrays["supervised"]) if n_ids else []
+        arrays["id_offsets"] = np.concatenate([[0], np.cumsum(n_ids)])
+        arrays["seg_offsets"] = np.concatenate([[0], np.cumsum(arrays["seg_offsets"])])
+        tmp = f"{folder}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        for name, dtype in dict(ids=np.int32, supervised=bool, id_offsets=np.int64,
+                                seg_file=np.int32, seg_offset=np.float64, seg_duration=np.float64,
+                                seg_out=bool, seg_offsets=np.int64, lengths=np.int32,
+                                hashes=np.uint64, media_paths=np.uint64,
+                                media_states=np.uint64).items():
+            np.save(os.path.join(tmp, name + ".npy"), np.asarray(arrays[name], dtype=dtype))
+        for name, content in (("meta.json", meta), ("files.json", sorted(files, key=files.get)),
+                              ("sources.json", sources)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f)
+        with open(os.path.join(tmp, "audio_files.txt"), "w") as f:  # the files of the media state
+            f.writelines(a + "\n" for a in audio)
+        old = f"{folder}.old{os.getpid()}"
+        if os.path.isdir(folder):
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def index_folder(path: str, spec: Spec) -> str:
+    """Where the index of `path` for `spec` lives: .higgs_index/ beside the data, or a cache
+    folder (HIGGS_INDEX_CACHE, default ~/.cache/higgs-lora/index) when that is not writable."""
+    path = os.path.abspath(path)
+    name = f"{os.path.basename(path)}.{hashlib.sha256((path + spec.key()).encode()).hexdigest()[:16]}"
+    beside = os.path.join(os.path.dirname(path), ".higgs_index")
+    try:
+        os.makedirs(beside, exist_ok=True)
+        if os.access(beside, os.W_OK):
+            return os.path.join(beside, name)
+    except OSError:
+        pass
+    cache = os.environ.get("HIGGS_INDEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "higgs-lora", "index"))
+    os.makedirs(cache, exist_ok=True)
+    return os.path.join(cache, name)
+
+
+def open_dataset(path: str, spec: Spec, workers: int | None = None, log=print) -> Dataset:
+    """The Dataset of `path`: its index when the data is unchanged since it was written, else
+    validated anew (by `workers` processes) and indexed."""
+    folder = index_folder(path, spec)
+    if os.path.isfile(os.path.join(folder, "meta.json")):
+        try:
+            dataset = Dataset(folder, spec)
+            if dataset.unchanged(path):
+                return dataset
+        except (OSError, ValueError, KeyError):
+            pass  # an index of another version, or damaged: written anew
+    workers = default_workers() if workers is None else workers
+    log(f"{path}: validating (index in {folder})")
+    if workers > 1:
+        start_workers()
+    Dataset.write(folder, path, spec, workers)
+    return Dataset(folder, spec)
 
 
 def load_dataset(path: str, tokenizer, cfg, max_seq_len: int | None = None, fmt: str = "auto",
                  require_audio: bool = True) -> tuple[list[Sample], list[Invalid]]:
-    """Samples of the valid records of a data file or folder, and the invalid ones with reasons."""
-    records, invalid, _ = read_records(path, fmt)
-    checked, bad = validate(records, cfg, tokenizer, max_seq_len, require_audio)
-    return [c.sample for c in checked], sorted(invalid + bad, key=lambda x: x.index)
+    """The samples of the valid records of a small data file or folder, read whole (every codes
+    value checked, nothing cached), and the invalid ones with reasons."""
+    items, fmt, base_dir, parts = validate(path, Spec(cfg, tokenizer, max_seq_len, require_audio,
+                                                      values=True), fmt)
+    samples = [make_sample(to_record(*items[i], fmt, base_dir, i), tokenizer, cfg)
+               for part in parts for i in part["index"]]
+    return samples, sorted((x for part in parts for x in part["invalid"]), key=lambda x: x.index)
 
 
 # ----------------------------------------------------------------------------------------------
 # python data.py check
 
 
-def _sidecar_spec(records: list[Record]):
-    """(config, Counter of codebook counts) for checks without --model: the released shape with
-    the codebook count most sidecars have; the other counts are reported."""
-    paths = {codes_path(p) for p in audio_paths(records)}
+def count_codebooks(task) -> Counter:
+    """Codebook counts of the sidecars of a chunk of records (headers only)."""
+    items, start, fmt, base_dir = task
+    paths = set()
+    for index, (source, payload) in enumerate(items, start):
+        try:
+            record = to_record(source, payload, fmt, base_dir, index)
+        except DataError:
+            continue
+        paths |= {codes_path(p) for p in audio_paths([record])}
     counts = Counter()
     for path in paths:
         try:
             counts[np.load(path, mmap_mode="r").shape[0]] += 1
         except Exception:  # noqa: BLE001 - missing or unreadable sidecars are reported by validation
             continue
-    return HiggsConfig(audio_num_codebooks=counts.most_common(1)[0][0] if counts else 8), counts
+    return counts
 
 
-def _audio_problem(path: str, info) -> str | None:
+def audio_problem(task) -> str | None:
     """Why a (readable) audio file looks wrong: low sample rate, undecodable, near-silent, clipped."""
-    if info.samplerate < 16000:
-        return f"{info.samplerate} Hz: band-limited speech, the model would learn its muffled sound"
+    path, samplerate = task
+    if samplerate < 16000:
+        return f"{samplerate} Hz: band-limited speech, the model would learn its muffled sound"
     try:
         data, _ = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001
@@ -207,48 +648,32 @@ def _audio_problem(path: str, info) -> str | None:
     return None
 
 
-def _flags(checked: list[Checked], rates: list, median: float) -> list[str]:
-    """Valid but suspicious records: text-only targets, a target speaking far faster or slower
-    than the data set's median (usually a wrong transcript or a wrong file), odd audio files."""
-    flags = [f"{c.record.source}: trains text only, no assistant audio to learn the voice from"
-             for c in checked if not c.target_seconds]
-    low, high = median / SPEAKING_RATE_FACTOR, median * SPEAKING_RATE_FACTOR
-    flags += [f"{c.record.source}: speaking rate {r:.1f} characters/s, {r / median:.1f}x the "
-              f"median {median:.1f}: wrong transcript or wrong audio file?" for c, r in rates
-              if len(rates) >= 5 and not low <= r <= high]
-    used_by = {}
-    for c in checked:
-        for path, info in c.audio.items():
-            used_by.setdefault(path, (c.record.source, info))
-    for path, (source, info) in used_by.items():
-        problem = _audio_problem(path, info)
-        if problem:
-            flags.append(f"{path} (used by {source}): {problem}")
-    return flags
-
-
 def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: int = 4096,
-          allow_text_only: bool = False) -> int:
-    """`python data.py check`: validate everything training would, print a report, and return the
-    exit code (0 all valid, 1 some records invalid)."""
-    records, invalid, fmt = read_records(path, fmt)
+          allow_text_only: bool = False, workers: int = 1, audio_checks: int = -1) -> int:
+    """`python data.py check`: validate everything training would (and every codes value), print
+    a report, and return the exit code (0 all valid, 1 some records invalid)."""
     if model:
         (tokenizer, cfg), counts = model_spec(model), Counter()
-    else:
-        tokenizer, (cfg, counts) = None, _sidecar_spec(records)
-    checked, bad = validate(records, cfg, tokenizer, max_seq_len, not allow_text_only)
-    invalid = sorted(invalid + bad, key=lambda x: x.index)
-    print(f"{path}: {fmt} format, {len(checked) + len(invalid)} records: {len(checked)} valid, "
-          f"{len(invalid)} invalid")
-    speakers = Counter(c.record.speaker or "(unnamed)" for c in checked)
-    print(f"speakers: {len(speakers)} (" + ", ".join(f"{s}: {n}" for s, n in speakers.most_common(10))
-          + (", ..." if len(speakers) > 10 else "") + ")")
-    seconds = sum(c.target_seconds for c in checked)
-    print(f"target audio: {seconds / 3600:.2f} h ({seconds:.1f} s)")
-    files = {f: info for c in checked for f, info in c.audio.items()}
-    rates = Counter(info.samplerate for info in files.values())
+    else:  # the released shape with the codebook count most sidecars have
+        _, fmt, _, parts = validate(path, None, fmt, workers, count_codebooks)
+        counts = sum(parts, Counter())
+        tokenizer, cfg = None, HiggsConfig(audio_num_codebooks=counts.most_common(1)[0][0]
+                                           if counts else 8)
+    spec = Spec(cfg, tokenizer, max_seq_len, not allow_text_only, values=True)
+    items, fmt, _, parts = validate(path, spec, fmt, workers)
+    invalid = sorted((x for p in parts for x in p["invalid"]), key=lambda x: x.index)
+    col = lambda key: [x for p in parts for x in p[key]]  # noqa: E731
+    sources, speakers, seconds, chars = col("source"), col("speaker"), col("seconds"), col("chars")
+    files = {f: info for p in parts for f, info in p["files"].items()}
+    print(f"{path}: {fmt} format, {len(items)} records: {len(sources)} valid, {len(invalid)} invalid")
+    by_speaker = Counter(s or "(unnamed)" for s in speakers)
+    print(f"speakers: {len(by_speaker)} (" + ", ".join(
+        f"{s}: {n}" for s, n in by_speaker.most_common(10)) + (", ..." if len(by_speaker) > 10
+                                                                 else "") + ")")
+    print(f"target audio: {sum(seconds) / 3600:.2f} h ({sum(seconds):.1f} s)")
+    rates = Counter(rate for rate, _, _, _ in files.values())
     print(f"audio files: {len(files)} (" + ", ".join(f"{r} Hz: {n}" for r, n in sorted(rates.items()))
-          + f"; {sum(info.channels > 1 for info in files.values())} multi-channel, mixed down to mono; "
+          + f"; {sum(ch > 1 for _, ch, _, _ in files.values())} multi-channel, mixed down to mono; "
           "the audio tokenizer reads 24 kHz, prepare resamples)")
     print(f"codes: {cfg.audio_num_codebooks} codebooks of {cfg.audio_codebook_size} values, checked "
           + (f"against --model {model}" if model else "against the most common codebook count of the "
@@ -258,16 +683,28 @@ def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: i
               ", ".join(f"{k} codebooks: {n} files" for k, n in sorted(counts.items())))
     if tokenizer is None:
         print("sequence length: not checked (pass --model CKPT, or tiny, to tokenize)")
-    elif checked:
-        n = np.array([c.length for c in checked])
+    elif sources:
+        n = np.array(col("lengths"))
         print(f"sequence length after audio expansion: min {n.min()}, median {np.median(n):.0f}, "
               f"p95 {np.percentile(n, 95):.0f}, max {n.max()} (--max_seq_len {max_seq_len})")
-    rates = [(c, c.target_chars / c.target_seconds) for c in checked if c.target_chars]
-    median = float(np.median([r for _, r in rates])) if rates else 0.0
-    if rates:
+    flags = [f"{s}: trains text only, no assistant audio to learn the voice from"
+             for s, sec in zip(sources, seconds) if not sec]
+    speed = [(s, c / sec) for s, c, sec in zip(sources, chars, seconds) if c]
+    if speed:
+        median = float(np.median([r for _, r in speed]))
         print(f"speaking rate of targets: median {median:.1f} text characters per second of audio "
-              f"({min(r for _, r in rates):.1f} to {max(r for _, r in rates):.1f})")
-    flags = _flags(checked, rates, median)
+              f"({min(r for _, r in speed):.1f} to {max(r for _, r in speed):.1f})")
+        low, high = median / SPEAKING_RATE_FACTOR, median * SPEAKING_RATE_FACTOR
+        flags += [f"{s}: speaking rate {r:.1f} characters/s, {r / median:.1f}x the median "
+                  f"{median:.1f}: wrong transcript or wrong audio file?" for s, r in speed
+                  if len(speed) >= 5 and not low <= r <= high]
+    decoded = sorted(files) if audio_checks < 0 or audio_checks >= len(files) else \
+        sorted(random.Random(0).sample(sorted(files), audio_checks))
+    problems = parallel_map(audio_problem, [(f, files[f][0]) for f in decoded], workers)
+    flags += [f"{f} (used by {files[f][3]}): {p}" for f, p in zip(decoded, problems) if p]
+    if len(decoded) < len(files):
+        print(f"audio checks (silence, clipping): {len(decoded)} of {len(files)} files decoded "
+              "(--audio_checks)")
     if flags:
         print(f"flagged ({len(flags)}; kept, but worth a look):")
         print("\n".join(f"  {f}" for f in flags))
@@ -284,20 +721,20 @@ def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: i
 def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "auto",
             batch_size: int = 16, write_chatml: bool = False) -> int:
     """`python data.py prepare`: encode every audio file the records use with the audio tokenizer
-    and write its `.codes.npy` sidecar; valid sidecars are kept, so a rerun resumes. Returns the
-    exit code (0 done, 1 some records or files failed)."""
+    and write its `.codes.npy` sidecar (and its provenance); valid sidecars are kept, so a rerun
+    resumes, and stale ones re-encoded. Returns the exit code (0 done, 1 some records or files
+    failed)."""
     records, invalid, fmt = read_records(path, fmt)
     for x in invalid:
         print(f"skipped: {x.reason}")
     device, _ = resolve_device(device)
     model = load_audio_tokenizer(tokenizer_dir, device)
-    K, size = model.config.num_quantizers, model.config.codebook_size
     files = sorted(audio_paths(records))
     todo, failed = [], []
     for f in files:
         try:
             info = audio_info(AudioPart(f), "", f)
-            if has_valid_sidecar(f, info, K, size):
+            if has_valid_sidecar(f, info, model):
                 continue
             if expected_frames(info.frames, info.samplerate) == 0:
                 raise DataError(f"{f}: {info.frames / info.samplerate * 1000:.1f} ms is shorter than "
@@ -338,9 +775,13 @@ class CheckConfig(DataInput):
     model: str = option("", "checkpoint folder, Hub id, or tiny: also tokenize, and check lengths "
                         "and codes against this model; none: the released shape")
     max_seq_len: int = option(4096, "with --model: longest sample in positions after audio "
-                              "expansion (as train.py's)", min=16)
+                              "expansion (as train.py's)", min=16, max=1 << 20)
     allow_text_only: bool = option(False, "accept records whose trained turns hold only text "
                                    "(evaluation data)")
+    workers: int = option(1, "processes that validate and decode in parallel; 0: one per CPU core",
+                          min=0, max=256)
+    audio_checks: int = option(-1, "files decoded whole for the silence and clipping checks, "
+                               "sampled at random; -1: all", min=-1)
 
 
 @dataclass
@@ -349,7 +790,7 @@ class PrepareConfig(DataInput):
     tokenizer: str = option("", "the audio tokenizer: a HiggsAudioV2TokenizerModel folder or Hub "
                             "id (bosonai/higgs-audio-v2-tokenizer in transformers layout)")
     device: str = option("auto", "auto: cuda when a GPU is present", choices=("auto", "cpu", "cuda"))
-    batch_size: int = option(16, "clips of equal length encoded together", min=1)
+    batch_size: int = option(16, "clips of equal length encoded together", min=1, max=4096)
     write_chatml: bool = option(False, "also write the records as ChatML JSONL next to the input "
                                 "(NAME.chatml.jsonl)")
 
@@ -370,15 +811,16 @@ def main(argv=None) -> int:
     cfg = parse(COMMANDS[command], rest, COMMANDS[command].__doc__)
     try:
         if not cfg.data:
-            raise DataError(f"python data.py {command} DATA: name a data file or folder")
+            raise ConfigError(f"python data.py {command} DATA: name a data file or folder")
         if command == "check":
-            return check(cfg.data, cfg.model, cfg.format, cfg.max_seq_len, cfg.allow_text_only)
+            return check(cfg.data, cfg.model, cfg.format, cfg.max_seq_len, cfg.allow_text_only,
+                         cfg.workers or default_workers(), cfg.audio_checks)
         if not cfg.tokenizer:
-            raise DataError("python data.py prepare needs --tokenizer AUDIO_TOKENIZER (a "
-                            "HiggsAudioV2TokenizerModel folder or Hub id)")
+            raise ConfigError("python data.py prepare needs --tokenizer AUDIO_TOKENIZER (a "
+                              "HiggsAudioV2TokenizerModel folder or Hub id)")
         return prepare(cfg.data, cfg.tokenizer, cfg.format, cfg.device, cfg.batch_size,
                        cfg.write_chatml)
-    except (DataError, OSError, ValueError) as e:  # bad input: a message, never a traceback
+    except (UserError, OSError) as e:  # bad input: a message, never a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

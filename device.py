@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from chatml import DataError
+from errors import ConfigError
 
 
 @dataclass
@@ -27,7 +27,7 @@ def resolve_device(device: str = "auto", dtype: str = "auto", local_rank: int = 
     """(torch.device, parameter dtype): `auto` is cuda + bfloat16 when a GPU is present, else
     cpu + float32."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA GPU is visible to torch; use --device cpu (or auto)")
+        raise ConfigError("--device cuda: no CUDA GPU is visible to torch; use --device cpu (or auto)")
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dtype == "auto":
         dtype = "bfloat16" if kind == "cuda" else "float32"

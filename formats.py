@@ -11,7 +11,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from chatml import DEFAULT_SYSTEM_PROMPT, ROLES, DataError, Record, cloning_record, record_from_json
+from chatml import DEFAULT_SYSTEM_PROMPT, ROLES, Record, cloning_record, record_from_json
+from errors import DataError
 
 FORMATS = ("chatml", "flat", "swift", "sharegpt", "folder")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -171,8 +172,9 @@ def _read_text(path: str) -> str:
 
 
 def _read_json(path: str) -> list[tuple[str, object]]:
-    """(source, object) per record of a JSON list, one JSON object, or JSONL; a JSONL line that is
-    not JSON gets a DataError in place of its object, so the other lines still count."""
+    """(source, record) of a JSON list, one JSON object, or JSONL. A JSONL line stays bytes,
+    parsed when its record is made (parse_line), so a large file is parsed in the workers that
+    validate it; the file is an error only if no line is JSON at all."""
     text = _read_text(path)
     if not text.strip():
         raise DataError(f"{path}: empty file, no records")
@@ -190,17 +192,28 @@ def _read_json(path: str) -> list[tuple[str, object]]:
             return [(f"{path}: record 0", whole)]
     out = []  # JSONL (one line parsed as a whole is JSONL too, so that errors name its line)
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        source = f"{path}:{lineno} (record {len(out)})"
-        try:
-            out.append((source, json.loads(line)))
-        except json.JSONDecodeError as e:
-            out.append((source, DataError(f"{source}: invalid JSON at column {e.colno}: {e.msg}; "
-                                          "a JSONL file holds one JSON object per line")))
-    if all(isinstance(o, DataError) for _, o in out):
-        raise error
-    return out
+        if line.strip():
+            out.append((f"{path}:{lineno} (record {len(out)})", line.encode()))
+    for source, line in out:
+        if not isinstance(_try(parse_line, source, line), DataError):
+            return out
+    raise error
+
+
+def parse_line(source: str, line: bytes):
+    """A JSONL line, kept as bytes until its record is made (cheap to send to a worker)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source}: invalid JSON at column {e.colno}: {e.msg}; a JSONL file holds "
+                        "one JSON object per line")
+
+
+def _try(f, *args):
+    try:
+        return f(*args)
+    except DataError as e:
+        return e
 
 
 def _list_item_lines(text: str) -> list[int]:
@@ -219,23 +232,28 @@ def _list_item_lines(text: str) -> list[int]:
         line += text.count("\n", j, i)
 
 
-def _is_swift(obj: dict) -> bool:
-    turns = obj.get("messages") if isinstance(obj.get("messages"), list) else []
-    return "audios" in obj or any(isinstance(t, dict) and isinstance(t.get("content"), str)
-                                  and "<audio>" in t["content"] for t in turns)
+def _is_swift(obj) -> bool:
+    turns = obj.get("messages") if isinstance(obj, dict) and isinstance(obj.get("messages"), list) \
+        else []
+    return isinstance(obj, dict) and ("audios" in obj or any(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and "<audio>" in t["content"]
+        for t in turns))
 
 
-def _detect(path: str, objs: list) -> str:
+def _detect(path: str, items: list) -> str:
     """A JSON file's format, from its first record's keys (a "messages" file is ms-swift when any
     record has "audios" or <audio> tags)."""
-    dicts = [o for _, o in objs if isinstance(o, dict)]
-    if not dicts:
+    def parsed(source, obj, hint=""):  # JSONL lines are parsed only where the answer is in them
+        return _try(parse_line, source, obj) if isinstance(obj, bytes) and hint.encode() in obj \
+            else obj
+    first = next((o for o in (parsed(s, o) for s, o in items) if isinstance(o, dict)), None)
+    if first is None:
         raise DataError(f"{path}: unknown format, no record is a JSON object; {FORMAT_HINT}")
-    first = dicts[0]
     if "conversations" in first:
         return "sharegpt"
     if "messages" in first:
-        return "swift" if any(_is_swift(o) for o in dicts) else "chatml"
+        tagged = any(_is_swift(parsed(s, o, hint)) for hint in ("audios", "<audio>") for s, o in items)
+        return "swift" if tagged else "chatml"
     if first.keys() & {k for keys in FLAT_KEYS.values() for k in keys}:
         return "flat"
     raise DataError(f"{path}: unknown format, the first record has keys {sorted(first)}; {FORMAT_HINT}")
@@ -329,10 +347,10 @@ def _pair_clips(items: list) -> list:
     return out
 
 
-def read_records(path: str, fmt: str = "auto") -> tuple[list[Record], list[Invalid], str]:
-    """(records, invalid records, format) of a data file or folder in any supported format,
-    converted to ChatML. A record that cannot be converted is returned as Invalid; input that
-    cannot be read at all (missing, not text, not JSON, unknown format) raises DataError."""
+def read_items(path: str, fmt: str = "auto") -> tuple[list, str, str]:
+    """(items, format, base folder) of a data file or folder in any supported format: each item
+    (source, payload) becomes a record through `to_record`. Input that cannot be read at all
+    (missing, not text, not JSON, unknown format) raises DataError."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder; --train_data / --eval_data / DATA name "
                         "a data file or a folder of clips")
@@ -344,28 +362,36 @@ def read_records(path: str, fmt: str = "auto") -> tuple[list[Record], list[Inval
         if fmt not in ("auto", "folder"):
             raise DataError(f"{path}: --format {fmt} reads a JSON or JSONL file, not a folder or list")
         base_dir, items = _folder_clips(path)
-        fmt = "folder"
-    else:
-        base_dir = os.path.dirname(os.path.abspath(path))
-        objs = _read_json(path)
-        fmt = _detect(path, objs) if fmt == "auto" else fmt
-        items = []
-        for source, obj in objs:
-            try:
-                if isinstance(obj, DataError):
-                    raise obj
-                items.append((source, CONVERTERS[fmt](obj, source)))
-            except DataError as e:
-                items.append((source, e))
+        return _pair_clips(items), "folder", base_dir
+    items = _read_json(path)
+    fmt = _detect(path, items) if fmt == "auto" else fmt
+    if fmt == "flat":  # converted now: records without a reference are paired by speaker
+        items = _pair_clips([(source, _try(_converted, source, obj, fmt)) for source, obj in items])
+    return items, fmt, os.path.dirname(os.path.abspath(path))
+
+
+def _converted(source: str, obj, fmt: str):
+    if isinstance(obj, DataError):
+        raise obj
+    return CONVERTERS[fmt](parse_line(source, obj) if isinstance(obj, bytes) else obj, source)
+
+
+def to_record(source: str, payload, fmt: str, base_dir: str, index: int) -> Record:
+    """The ChatML record of an item of read_items (DataError if it is not a valid one)."""
+    obj, fields = payload if isinstance(payload, tuple) else _converted(source, payload, fmt)
+    record = record_from_json(obj, source, base_dir)
+    record.index, record.fields = index, fields
+    return record
+
+
+def read_records(path: str, fmt: str = "auto") -> tuple[list[Record], list[Invalid], str]:
+    """(records, invalid records, format) of a data file or folder, converted to ChatML; a record
+    that cannot be converted is returned as Invalid."""
+    items, fmt, base_dir = read_items(path, fmt)
     records, invalid = [], []
-    for index, (source, payload) in enumerate(_pair_clips(items)):
+    for index, (source, payload) in enumerate(items):
         try:
-            if isinstance(payload, DataError):
-                raise payload
-            obj, fields = payload
-            record = record_from_json(obj, source, base_dir)
-            record.index, record.fields = index, fields
-            records.append(record)
+            records.append(to_record(source, payload, fmt, base_dir, index))
         except DataError as e:
             invalid.append(Invalid(index, source, str(e)))
     return records, invalid, fmt

@@ -16,8 +16,8 @@ output is checked by health.py; train.py --sample_every uses the same Listener.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
-import json
 import math
 import os
 import sys
@@ -25,21 +25,20 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import soundfile as sf
 import torch
 
 import checkpoint
-from audio import (CODES_FRAME_RATE, CODES_SAMPLE_RATE, codes_path, decode_codes, encode_files,
-                   load_audio, load_audio_tokenizer)
-from chatml import (IGNORE, AudioPart, DataError, Record, Sample, TextPart, cloning_record,
-                    record_from_json)
+from audio import (CODES_FRAME_RATE, CODES_SAMPLE_RATE, codes_path, encode_files, load_audio,
+                   stale_reason)
+from chatml import IGNORE, AudioPart, Record, Sample, TextPart, cloning_record, record_from_json
+from errors import ConfigError, DataError, UserError
 from cli import option, parse
 from collate import Collator
 from data import make_sample
 from device import resolve_device
 from formats import load_records
-from health import AsrScorer, SpeakerScorer, describe, health
-from lora import load_adapter
+from health import SampleWriter, describe
+from lora import load_adapter, load_base
 from model import KVCache, StaticKVCache, fuse_projections
 
 GENERATION_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
@@ -55,7 +54,7 @@ class Sampling:
     ras_max_repeat: int = option(2, "a code seen this often in the window is re-drawn from the raw "
                                  "distribution", min=1)
     seed: int = option(0, "seed of the draws: the same seed gives the same audio")
-    max_seconds: float = option(30.0, "frame limit, in seconds of audio", above=0)
+    max_seconds: float = option(30.0, "frame limit, in seconds of audio", above=0, max=600)
 
 
 @dataclass
@@ -183,9 +182,19 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
     "eager", "compile" or "cuda_graph" (DecodeStep: the model's fixed-shape step over a static
     cache; "auto" is CUDA_DECODE on CUDA, eager elsewhere), or "dynamic" (forward_cached with a
     cache grown by torch.cat, the static cache's reference). use_cache=False recomputes the whole
-    prefix every step (the cache's reference). The loop never waits for the device: every
+    prefix every step (the cache's reference). Runs in eval mode (the mode is restored). The loop
+    never waits for the device: every
     CHECK_EVERY frames it looks whether all rows have ended and reads the answer of the look
     before (LaggedFlag); frames past a row's end leave it as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompts, s, use_cache, decode)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool, decode: str):
     cfg = model.cfg
     K, bos, eos = cfg.audio_num_codebooks, cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
     device = model.norm.weight.device
@@ -214,7 +223,7 @@ def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
     lengths = torch.ones(B, dtype=torch.long, device=device)  # columns of each row's stream
     start = batch.attention_mask.sum(1)
     # with a compiled step the bookkeeping is compiled too: fused kernels, not twenty small ones
-    delay = compiled_delay_pattern if getattr(step, "mode", "eager") != "eager" else delay_pattern
+    delay = compiled_delay_pattern() if getattr(step, "mode", "eager") != "eager" else delay_pattern
     all_ended = LaggedFlag(device)
     for t in range(n_frames):
         logits = step(frame, start + t, active)  # (B, K, rows)
@@ -264,7 +273,10 @@ def delay_pattern(new, n_delay, remaining, bos: int, eos: int):
     return new, (n_delay + 1).clamp(max=K - 1), remaining, remaining == 0
 
 
-compiled_delay_pattern = torch.compile(delay_pattern, dynamic=False)
+@functools.cache
+def compiled_delay_pattern():
+    """delay_pattern compiled (on first use: importing the compiler takes seconds)."""
+    return torch.compile(delay_pattern, dynamic=False)
 
 
 class LaggedFlag:
@@ -432,101 +444,6 @@ def revert(stream: torch.Tensor, cfg) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Listening: generate, decode, check and write
-
-
-@dataclass
-class ListenConfig:
-    """listening to checkpoints: generated samples and their health checks (README)"""
-    sample_every: int = option(0, "generate with the current adapter every N steps and at the end; "
-                               "0: never", min=0, on_resume="applied")
-    sample_data: str = option("", "prompts: a data file in any format; none: --eval_data")
-    sample_count: int = option(4, "prompts: the first N records", min=1)
-    sample_max_seconds: float = option(20.0, "frame limit of each sample, in seconds of audio", above=0)
-    sample_temperature: float = option(0.3, "decoding temperature; 0 is greedy", min=0)
-    sample_top_k: int = option(50, "top-k of the decoding; 0: off", min=0)
-    sample_top_p: float = option(0.95, "top-p of the decoding; 1: off", above=0, max=1)
-    audio_tokenizer: str = option("", "HiggsAudioV2TokenizerModel folder or Hub id: decode samples "
-                                  "to WAV (the silence check then measures the audio)")
-    asr_model: str = option("", "speech recognition model (folder or Hub id): word error rate")
-    speaker_model: str = option("", "x-vector speaker model (folder or Hub id): speaker similarity")
-
-
-class Listener:
-    """Generates a set of prompts and writes, per prompt, `NAME.codes.npy`, the decoded
-    `NAME.wav` (with an audio tokenizer), the reference as `NAME.ref.wav` and `NAME.json` (text
-    and health figures). train.py calls it every --sample_every steps; generate.py once."""
-
-    def __init__(self, sampling: Sampling, device, audio_tokenizer: str = "", asr_model: str = "",
-                 speaker_model: str = "", prompts: list | None = None, every: int = 0):
-        """Loads the models named (audio tokenizer, scorers) onto `device`."""
-        self.sampling, self.prompts, self.every = sampling, prompts, every
-        self.audio_tokenizer = load_audio_tokenizer(audio_tokenizer, device) if audio_tokenizer else None
-        self.asr = AsrScorer(asr_model, device) if asr_model else None
-        self.speaker = SpeakerScorer(speaker_model, device) if speaker_model else None
-
-    @classmethod
-    def for_training(cls, cfg: ListenConfig, prompts_path: str, tokenizer, model_cfg, seed: int,
-                     device, with_models: bool = True) -> "Listener":
-        """train.py --sample_every: the first prompts of a data file, decoded with the run's seed
-        (the same draws every time, so steps compare). Ranks that do not listen pass
-        with_models=False: they only read the prompts and keep the schedule."""
-        sampling = Sampling(temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
-                            top_p=cfg.sample_top_p, seed=seed, max_seconds=cfg.sample_max_seconds)
-        models = (cfg.audio_tokenizer, cfg.asr_model, cfg.speaker_model) if with_models else ("",) * 3
-        return cls(sampling, device, *models,
-                   load_prompts(prompts_path, cfg.sample_count, tokenizer, model_cfg),
-                   cfg.sample_every)
-
-    def __call__(self, model, step: int, run_dir: str) -> list[dict]:
-        """Samples of the current model in OUT/samples/step_N/, their metrics.jsonl rows, and a
-        loud warning for each failed check. Every RNG is left as it was, so a resumed run stays
-        exact."""
-        out_dir = os.path.join(run_dir, "samples", f"step_{step:08d}")
-        names = [f"sample{i}" for i in range(len(self.prompts))]
-        device = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-            results = self.write(model, self.prompts, out_dir, names)
-        print(f"samples at step {step} in {out_dir}:", flush=True)
-        for name, r in zip(names, results):
-            print(f"  {name}: {describe(r)}", flush=True)
-        failed = [f"{name} ({p.source}): {', '.join(r['failed'])}"
-                  for name, p, r in zip(names, self.prompts, results) if r["failed"]]
-        if failed:
-            print(f"WARNING: {len(failed)} of {len(names)} samples at step {step} FAILED health "
-                  f"checks: {'; '.join(failed)}. README 'Listening to checkpoints' says what usually "
-                  "causes each and what to do", flush=True)
-        return [dict(step=step, sample=i, **{f"sample_{k}": v for k, v in r.items()})
-                for i, r in enumerate(results)]
-
-    def write(self, model, prompts: list[Prompt], out_dir: str, names: list[str]) -> list[dict]:
-        """Generate (in eval mode; the mode is restored), decode, check and write each prompt."""
-        was_training = model.training
-        model.eval()
-        try:
-            results = generate(model, prompts, self.sampling)
-        finally:
-            model.train(was_training)
-        os.makedirs(out_dir, exist_ok=True)
-        rows = []
-        for name, prompt, out in zip(names, prompts, results):
-            stem = os.path.join(out_dir, name)
-            np.save(codes_path(stem + ".wav"), out.codes.numpy())
-            wav = decode_codes(self.audio_tokenizer, out.codes) if self.audio_tokenizer else None
-            if wav is not None:
-                sf.write(stem + ".wav", wav.numpy(), CODES_SAMPLE_RATE)
-            if prompt.reference is not None:
-                sf.write(stem + ".ref.wav", prompt.reference.numpy(), CODES_SAMPLE_RATE)
-            r = health(out.codes, out.ended, prompt.text, prompt.chars_per_second,
-                       prompt.reference, prompt.reference_codes, wav, self.asr, self.speaker)
-            with open(stem + ".json", "w", encoding="utf-8") as f:
-                json.dump(dict(text=prompt.text, prompt=prompt.source, **r), f, indent=2,
-                          ensure_ascii=False)
-            rows.append(r)
-        return rows
-
-
-# ----------------------------------------------------------------------------------------------
 # python generate.py
 
 
@@ -558,16 +475,16 @@ class GenerateConfig:
     def check(self) -> None:
         cloning = dict(ref_audio=self.ref_audio, ref_text=self.ref_text, out=self.out)
         if not self.model:
-            raise DataError("--model is required (a checkpoint folder, a Hub id, or tiny)")
+            raise ConfigError("--model is required (a checkpoint folder, a Hub id, or tiny)")
         if self.data:
             if not self.out_dir:
-                raise DataError("--data needs --out_dir, the folder the samples go to")
+                raise ConfigError("--data needs --out_dir, the folder the samples go to")
         elif not all(cloning.values()) or not self.text:
             missing = [f"--{k}" for k, v in dict(cloning, text=self.text).items() if not v]
-            raise DataError(f"missing {', '.join(missing)}: give --ref_audio, --ref_text, --text "
-                            "and --out, or --data and --out_dir")
+            raise ConfigError(f"missing {', '.join(missing)}: give --ref_audio, --ref_text, "
+                              "--text and --out, or --data and --out_dir")
         if any(not t.strip() for t in self.text):
-            raise DataError("--text: an empty text; give the words to speak")
+            raise ConfigError("--text: an empty text; give the words to speak")
 
 
 def generation_prompts(cfg: GenerateConfig, tokenizer, model_cfg, audio_tokenizer):
@@ -575,10 +492,13 @@ def generation_prompts(cfg: GenerateConfig, tokenizer, model_cfg, audio_tokenize
     if cfg.data:
         prompts = load_prompts(cfg.data, cfg.count, tokenizer, model_cfg)
         return prompts, cfg.out_dir, [f"sample{i}" for i in range(len(prompts))]
-    if not os.path.isfile(codes_path(cfg.ref_audio)):
+    codes = codes_path(cfg.ref_audio)
+    stale = os.path.isfile(cfg.ref_audio) and os.path.isfile(codes) and stale_reason(cfg.ref_audio)
+    if stale or not os.path.isfile(codes):
         if audio_tokenizer is None:
-            raise DataError(f"{cfg.ref_audio} has no codes sidecar {codes_path(cfg.ref_audio)}: pass "
-                            "--tokenizer AUDIO_TOKENIZER to encode it")
+            problem = f"are stale ({stale})" if stale else "are missing"
+            raise DataError(f"{cfg.ref_audio}: its codes {codes} {problem}; pass --tokenizer "
+                            "AUDIO_TOKENIZER to encode it")
         encode_reference(cfg.ref_audio, audio_tokenizer)
     prompts = [cloning_prompt(cfg.ref_audio, cfg.ref_text, t, tokenizer, model_cfg) for t in cfg.text]
     stem = os.path.basename(os.path.splitext(cfg.out)[0])
@@ -587,7 +507,7 @@ def generation_prompts(cfg: GenerateConfig, tokenizer, model_cfg, audio_tokenize
 
 
 def encode_reference(path: str, audio_tokenizer) -> None:
-    """Write a reference clip's missing codes sidecar, as `python data.py prepare` does."""
+    """Write a reference clip's codes sidecar, as `python data.py prepare` does."""
     failed = []
     if not encode_files(audio_tokenizer, [path], 1, failed):
         raise DataError(failed[0])
@@ -600,16 +520,17 @@ def main(argv=None) -> int:
         cfg.check()
         device, dtype = resolve_device(cfg.device, cfg.dtype)
         tokenizer, _ = checkpoint.model_spec(cfg.model)
-        model = checkpoint.load(cfg.model, device, dtype)
+        model = load_base(cfg.model, cfg.adapter, device, dtype)
         if cfg.adapter:
             load_adapter(model, cfg.adapter)
         fuse_projections(model)
-        listener = Listener(cfg.sampling, device, cfg.tokenizer, cfg.asr_model, cfg.speaker_model)
+        writer = SampleWriter(device, cfg.tokenizer, cfg.asr_model, cfg.speaker_model)
         prompts, out_dir, names = generation_prompts(cfg, tokenizer, model.cfg,
-                                                     listener.audio_tokenizer)
-        for name, r in zip(names, listener.write(model, prompts, out_dir, names)):
+                                                     writer.audio_tokenizer)
+        results = generate(model, prompts, cfg.sampling)
+        for name, r in zip(names, writer.write(prompts, results, out_dir, names)):
             print(f"{os.path.join(out_dir, name)}: {describe(r)}")
-    except (DataError, OSError) as e:  # bad paths or data: a message, not a traceback
+    except (UserError, OSError) as e:  # bad paths or data: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

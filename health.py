@@ -5,11 +5,16 @@ README "Listening to checkpoints" says what each failure usually means and what 
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 
+import numpy as np
+import soundfile as sf
 import torch
 
-from audio import CODES_FRAME_RATE, CODES_HOP, CODES_SAMPLE_RATE, resample
+from audio import (CODES_FRAME_RATE, CODES_HOP, CODES_SAMPLE_RATE, codes_path, decode_codes,
+                   load_audio_tokenizer, resample)
 from checkpoint import resolve
 
 SPEAKING_RATE_FACTOR = 2.5  # a target this many times faster or slower than the median is odd
@@ -147,3 +152,36 @@ def describe(r: dict) -> str:
     if "speaker_similarity" in r:
         line += f", speaker similarity {f('speaker_similarity', '.2f')}"
     return line + (f"  FAILED: {', '.join(r['failed'])}" if r["failed"] else "  ok")
+
+
+class SampleWriter:
+    """Writes generations with their health: per prompt `NAME.codes.npy`, the decoded `NAME.wav`
+    (with an audio tokenizer), the reference as `NAME.ref.wav`, and `NAME.json` (text and health
+    figures). Loads the models it is given onto `device`."""
+
+    def __init__(self, device, audio_tokenizer: str = "", asr_model: str = "",
+                 speaker_model: str = ""):
+        self.audio_tokenizer = load_audio_tokenizer(audio_tokenizer, device) if audio_tokenizer else None
+        self.asr = AsrScorer(asr_model, device) if asr_model else None
+        self.speaker = SpeakerScorer(speaker_model, device) if speaker_model else None
+
+    def write(self, prompts: list, results: list, out_dir: str, names: list[str]) -> list[dict]:
+        """Decode, check and write each prompt's generation (generate.Prompt, generate.Generated);
+        the health figures of each."""
+        os.makedirs(out_dir, exist_ok=True)
+        rows = []
+        for name, prompt, out in zip(names, prompts, results):
+            stem = os.path.join(out_dir, name)
+            np.save(codes_path(stem + ".wav"), out.codes.numpy())
+            wav = decode_codes(self.audio_tokenizer, out.codes) if self.audio_tokenizer else None
+            if wav is not None:
+                sf.write(stem + ".wav", wav.numpy(), CODES_SAMPLE_RATE)
+            if prompt.reference is not None:
+                sf.write(stem + ".ref.wav", prompt.reference.numpy(), CODES_SAMPLE_RATE)
+            r = health(out.codes, out.ended, prompt.text, prompt.chars_per_second,
+                       prompt.reference, prompt.reference_codes, wav, self.asr, self.speaker)
+            with open(stem + ".json", "w", encoding="utf-8") as f:
+                json.dump(dict(text=prompt.text, prompt=prompt.source, **r), f, indent=2,
+                          ensure_ascii=False)
+            rows.append(r)
+        return rows

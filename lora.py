@@ -20,15 +20,15 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chatml import DataError, need_file
+import checkpoint
 from cli import option, parse
-from model import projection_groups
+from errors import ConfigError, UserError, io_error, need_file
+from model import MLP, Attention, plain_type, replace_modules, retyped
 
 # Named target groups; anything else given to --lora_targets is a regex on module names.
 TARGET_GROUPS = {
@@ -38,6 +38,38 @@ TARGET_GROUPS = {
 }
 DEFAULT_TARGETS = "attn,mlp,audio_mlp"
 PEFT_PREFIX = "base_model.model."
+BASE_MODEL_FILE = "base_model.json"  # beside the adapter: the --model and --seed it was trained on
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapter"""
+    lora_r: int = option(16, "rank of each adapter", min=1, max=4096, on_resume="fixed")
+    lora_alpha: float = option(32.0, "scale: the side path is multiplied by lora_alpha / lora_r",
+                               above=0, on_resume="fixed")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input; 0 lets q/k/v and gate/up "
+                                 "share one down-projection GEMM (faster)", min=0, max=0.9,
+                                 on_resume="fixed")
+    lora_targets: str = option(DEFAULT_TARGETS, "linears to adapt: groups attn, mlp (text FFN), "
+                               "audio_mlp (DualFFN audio FFN), or regexes on module names",
+                               on_resume="fixed")
+    trainable_modules: str = option("", "modules trained in full, comma-separated regexes, e.g. "
+                                    "audio_decoder_proj.audio_lm_head", on_resume="fixed")
+
+    def check(self) -> None:
+        for flag, text in (("--lora_targets", self.lora_targets),
+                           ("--trainable_modules", self.trainable_modules)):
+            for rx in target_regexes(text):
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    raise ConfigError(f"{flag} {rx!r}: not a regular expression ({e}); named groups "
+                                      f"are {', '.join(TARGET_GROUPS)}, anything else is a regex on "
+                                      "module names")
+
+
+def target_regexes(text: str) -> list[str]:
+    return [TARGET_GROUPS.get(t.strip(), t.strip()) for t in text.split(",") if t.strip()]
 
 
 class LoRALinear(nn.Module):
@@ -89,8 +121,8 @@ class LoRALinear(nn.Module):
 
 
 def grouped_project(x: torch.Tensor, modules: list[LoRALinear]) -> list[torch.Tensor]:
-    """Sibling LoRA linears on one input (q/k/v, gate/up) with their down-projections as one
-    GEMM x @ [A_1; A_2; ...]^T: x is read once, and forward and backward launch one A-side GEMM
+    """Sibling LoRA linears on one input with their down-projections as one GEMM
+    x @ [A_1; A_2; ...]^T: x is read once, and forward and backward launch one A-side GEMM
     instead of one per module. Merged adapters take the plain path."""
     if any(m.merged for m in modules):
         return [m(x) for m in modules]
@@ -99,49 +131,87 @@ def grouped_project(x: torch.Tensor, modules: list[LoRALinear]) -> list[torch.Te
     return [m.combine(x, d) for m, d in zip(modules, low)]
 
 
-def share_down_projections(model: nn.Module) -> int:
-    """Give every module whose `project(x)` applies sibling linears (model.Attention: q/k/v,
-    model.MLP: gate/up) the grouped version, when all its siblings are LoRA linears without
-    dropout (with dropout each keeps its own mask, as in PEFT). Returns the groups made."""
-    groups = 0
-    for module, siblings in projection_groups(model):
-        if all(isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Identity) for m in siblings):
-            module.project = partial(grouped_project, modules=siblings)
-            groups += 1
-    return groups
+class GroupedDown:
+    """Training: every sibling linear (q/k/v, gate/up) has an adapter without dropout, so their
+    down-projections run as one GEMM (grouped_project)."""
+
+    def project(self, x) -> list[torch.Tensor]:
+        return grouped_project(x, [getattr(self, n) for n in self.projections])
+
+
+class GroupedLoRAAttention(GroupedDown, Attention):
+    """Attention whose q/k/v adapters share one down-projection GEMM."""
+
+
+class GroupedLoRAMLP(GroupedDown, MLP):
+    """SwiGLU whose gate/up adapters share one down-projection GEMM."""
+
+
+def group_projections(model: nn.Module) -> tuple[int, int]:
+    """Make each Attention and MLP grouped when all its siblings are LoRA linears without dropout
+    (with dropout each keeps its own mask, as in PEFT), and plain otherwise (a fused one would
+    skip its adapters). Returns (grouped, all) of those modules."""
+    grouped = {Attention: GroupedLoRAAttention, MLP: GroupedLoRAMLP}
+    counts = [0, 0]
+
+    def make(_, m):
+        base = plain_type(m)
+        if base is None:
+            return None
+        siblings = [getattr(m, n) for n in m.projections]
+        want = grouped[base] if all(isinstance(s, LoRALinear) and isinstance(s.dropout, nn.Identity)
+                                    for s in siblings) else base
+        counts[0] += want is not base
+        counts[1] += 1
+        return retyped(m, want) if type(m) is not want else None
+    replace_modules(model, make)
+    return counts[0], counts[1]
 
 
 def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                 targets: str = DEFAULT_TARGETS, trainable_modules: str = "") -> list[str]:
-    """Freeze the model, wrap every nn.Linear whose name fullmatches a target regex, and make the
-    modules named in `trainable_modules` (comma-separated regexes) fully trainable.
-    Returns the wrapped module names."""
-    regexes = [TARGET_GROUPS.get(t.strip(), t.strip()) for t in targets.split(",") if t.strip()]
+    """Freeze the model, wrap every nn.Linear whose name fullmatches a target regex, make the
+    modules named in `trainable_modules` (comma-separated regexes) fully trainable, and group
+    the sibling down-projections. Returns the wrapped module names."""
+    regexes = target_regexes(targets)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for name, module in list(model.named_modules()):
+
+    def wrap(name, module):
         if isinstance(module, nn.Linear) and any(re.fullmatch(rx, name) for rx in regexes):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoRALinear(module, r, alpha, dropout))
-            parent.__dict__.pop("project", None)  # a fused projection would skip the adapter
             wrapped.append(name)
+            return LoRALinear(module, r, alpha, dropout)
+    replace_modules(model, wrap)
     if not wrapped:
-        raise DataError(f"--lora_targets {targets!r} matched no linear layer; named groups are "
-                        f"{', '.join(TARGET_GROUPS)}, anything else is a regex on module names "
-                        "such as 'layers\\.\\d+\\.self_attn\\.q_proj'")
-    for rx in [t.strip() for t in trainable_modules.split(",") if t.strip()]:
+        raise ConfigError(f"--lora_targets {targets!r} matched no linear layer; named groups are "
+                          f"{', '.join(TARGET_GROUPS)}, anything else is a regex on module names "
+                          "such as 'layers\\.\\d+\\.self_attn\\.q_proj'")
+    for rx in target_regexes(trainable_modules):
         hits = [n for n, _ in model.named_modules() if re.fullmatch(rx, n)]
         if not hits:
-            raise DataError(f"--trainable_modules {rx!r} matched no module "
-                            "(e.g. 'audio_decoder_proj.audio_lm_head')")
+            raise ConfigError(f"--trainable_modules {rx!r} matched no module "
+                              "(e.g. 'audio_decoder_proj.audio_lm_head')")
         for n in hits:
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
-    share_down_projections(model)
-    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, target_modules=wrapped)
+    grouped, total = group_projections(model)
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, target_modules=wrapped,
+                             grouped=(grouped, total))
     return wrapped
+
+
+def describe_lora(model: nn.Module) -> str:
+    """A line for the log: what inject_lora wrapped, and where the down-projections are grouped."""
+    c = model.lora_config
+    grouped, total = c["grouped"]
+    line = f"LoRA: {len(c['target_modules'])} linears, r={c['r']}; down-projections grouped in " \
+           f"{grouped} of {total} attention/FFN modules"
+    if grouped < total:
+        line += " (the others run one GEMM per linear: " + \
+            ("--lora_dropout > 0 gives each its own mask)" if c["dropout"] else
+             "not all of their q/k/v or gate/up linears are targets)")
+    return line
 
 
 def lora_modules(model: nn.Module):
@@ -167,14 +237,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 # Adapter files (PEFT layout)
 
 
-def save_adapter(model: nn.Module, out_dir: str, base_model: str = "") -> None:
-    from checkpoint import save_tensors
-
+def save_adapter(model: nn.Module, out_dir: str, base_model: str = "", seed: int = 0) -> None:
+    """The adapter in the PEFT layout, and BASE_MODEL_FILE: the base it was trained on (with the
+    seed, which builds `tiny`), so that it can be merged wherever it is copied."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.lora_config
     state = trainable_state_dict(model)
-    save_tensors({PEFT_PREFIX + n: t.float().contiguous().cpu() for n, t in state.items()},
-                 os.path.join(out_dir, "adapter_model.safetensors"))
+    checkpoint.save_tensors({PEFT_PREFIX + n: t.float().contiguous().cpu() for n, t in state.items()},
+                            os.path.join(out_dir, "adapter_model.safetensors"))
     extra = sorted({n.rsplit(".", 1)[0] for n in state if ".lora_" not in n})
     peft_config = {
         "peft_type": "LORA", "task_type": None, "r": cfg["r"], "lora_alpha": cfg["alpha"],
@@ -183,20 +253,36 @@ def save_adapter(model: nn.Module, out_dir: str, base_model: str = "") -> None:
         "modules_to_save": extra or None, "base_model_name_or_path": base_model,
         "use_rslora": False, "use_dora": False,
     }
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(peft_config, f, indent=2)
+    for name, content in (("adapter_config.json", peft_config),
+                          (BASE_MODEL_FILE, dict(model=base_model, seed=seed))):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
 
 
 def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json, {model parameter name: tensor}) of an adapter folder."""
+    """(adapter_config.json, {model parameter name: tensor}) of an adapter folder; a damaged file
+    is a ConfigError naming it."""
     from safetensors.torch import load_file
 
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        need_file(os.path.join(adapter_dir, name), "adapter file", "--adapter is a folder written by "
-                  "train.py (OUT/adapter or a checkpoint's adapter/), or a Hub id of one")
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        config = json.load(f)
-    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    paths = [need_file(os.path.join(adapter_dir, name), "adapter file", "--adapter is a folder "
+                       "written by train.py (OUT/adapter or a checkpoint's adapter/), or a Hub id of "
+                       "one", ConfigError)
+             for name in ("adapter_config.json", "adapter_model.safetensors")]
+    try:
+        with open(paths[0]) as f:
+            config = json.load(f)
+        if not (isinstance(config["r"], int) and isinstance(config["lora_alpha"], (int, float))
+                and isinstance(config["target_modules"], list)):
+            raise TypeError("r, lora_alpha or target_modules of the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"adapter file {paths[0]}: not an adapter config ({type(e).__name__}: "
+                          f"{e}); copy the folder again from the run, or retrain")
+    try:
+        tensors = load_file(paths[1])
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ConfigError(f"adapter file {paths[1]}: unreadable ({str(e).splitlines()[0]}): a "
+                          "truncated or damaged copy; copy it again from the run (a checkpoint's "
+                          "adapter/ holds the same)")
     return config, {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
 
 
@@ -205,27 +291,45 @@ def copy_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        raise DataError(f"adapter {source} has tensors this model lacks: {unknown[:5]}; it was "
-                        "trained on another base model or with other --lora_targets")
+        raise ConfigError(f"adapter {source} has tensors this model lacks: {unknown[:5]}; it was "
+                          "trained on another base model or with other --lora_targets")
     with torch.no_grad():
         for name, t in tensors.items():
             if t.shape != params[name].shape:
-                raise DataError(f"adapter {source}: {name} has shape {tuple(t.shape)}, this model's "
-                                f"is {tuple(params[name].shape)} (another --lora_r or base model)")
+                raise ConfigError(f"adapter {source}: {name} has shape {tuple(t.shape)}, this "
+                                  f"model's is {tuple(params[name].shape)} (another --lora_r or "
+                                  "base model)")
             params[name].copy_(t.to(params[name].dtype))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str) -> None:
     """Inject LoRA as the adapter's config says and load its weights."""
-    from checkpoint import resolve
-
-    adapter_dir = resolve(adapter_dir, "--adapter")
+    adapter_dir = checkpoint.resolve(adapter_dir, "--adapter")
     config, tensors = read_adapter(adapter_dir)
     exact = lambda names: ",".join(re.escape(n) for n in names or [])  # noqa: E731
     inject_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=0.0,
                 targets=exact(config["target_modules"]),
                 trainable_modules=exact(config.get("modules_to_save")))
     copy_adapter_weights(model, tensors, adapter_dir)
+
+
+def base_seed(adapter_dir: str) -> int:
+    """The seed `tiny` (the demo's random base) was built from for this adapter: from the
+    adapter's BASE_MODEL_FILE, or from the config.json of the run or checkpoint folder holding
+    an adapter written before that file existed."""
+    for path in (os.path.join(adapter_dir, BASE_MODEL_FILE),
+                 os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), "config.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                return int(json.load(f).get("seed", 0))
+    raise ConfigError(f"--adapter {adapter_dir}: no {BASE_MODEL_FILE} saying which seed built its "
+                      "tiny base model; copy it along with the adapter, or merge from the run folder")
+
+
+def load_base(model: str, adapter: str = "", device="cpu", dtype=torch.float32):
+    """--model for an adapter: `tiny` is rebuilt from the seed the adapter was trained with."""
+    seed = base_seed(checkpoint.resolve(adapter, "--adapter")) if model == "tiny" and adapter else 0
+    return checkpoint.load(model, device, dtype, seed)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -245,7 +349,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 class MergeConfig:
     """Merge a LoRA adapter into a full checkpoint."""
     model: str = option("", "base checkpoint: a folder, a Hugging Face Hub id, or tiny (the demo's "
-                        "random model, rebuilt from the seed in the adapter's run config.json)")
+                        "random model, rebuilt from the seed the adapter was trained with)")
     adapter: str = option("", "adapter folder (adapter_model.safetensors + adapter_config.json) "
                           "or Hub id")
     out: str = option("", "output checkpoint folder (must not exist, or be empty)")
@@ -254,27 +358,19 @@ class MergeConfig:
                          choices=("official", "transformers"))
 
 
-def tiny_seed(adapter_dir: str) -> int:
-    """The seed the demo's tiny base model was built from: in the config.json of the run or
-    checkpoint folder that holds the adapter (0, train.py's default, if there is none)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return int(json.load(f).get("seed", 0))
-    return 0
-
-
 def merge(cfg: MergeConfig) -> None:
-    import checkpoint
-
+    """Writes into a temporary folder beside --out and renames it into place: a failure (a full
+    disk) leaves no partial checkpoint behind."""
     for flag in ("model", "adapter", "out"):
         if not getattr(cfg, flag):
-            raise DataError(f"--{flag} is required")
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
-        raise DataError(f"--out {cfg.out}: folder is not empty; give a new folder")
+            raise ConfigError(f"--{flag} is required")
+    out = os.path.abspath(cfg.out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        kind = "folder is not empty" if os.path.isdir(out) else "is a file"
+        raise ConfigError(f"--out {cfg.out}: {kind}; give a new folder")
     if cfg.model == "tiny":
         base, files = checkpoint.TINY_TOKENIZER, []
-        model = checkpoint.load("tiny", dtype=torch.float32, seed=tiny_seed(cfg.adapter))
+        model = load_base("tiny", cfg.adapter)
     else:
         from safetensors import safe_open
 
@@ -286,13 +382,22 @@ def merge(cfg: MergeConfig) -> None:
     load_adapter(model, cfg.adapter)
     state = merged_state_dict(model)  # in the checkpoint's dtype, as the model was loaded
     shard_bytes = max(os.path.getsize(f) for f in files) if len(files) > 1 else 1 << 62
-    checkpoint.save_checkpoint(model, cfg.out, fmt=cfg.format, max_shard_bytes=shard_bytes,
-                               state=state)
-    for name in os.listdir(base):  # the tokenizer and other side files travel along
-        src = os.path.join(base, name)
-        if os.path.isfile(src) and not name.endswith(".safetensors") and \
-                name not in ("model.safetensors.index.json", "config.json"):
-            shutil.copy2(src, os.path.join(cfg.out, name))
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
+    try:
+        checkpoint.save_checkpoint(model, tmp, fmt=cfg.format, max_shard_bytes=shard_bytes,
+                                   state=state)
+        for name in os.listdir(base):  # the tokenizer and other side files travel along
+            src = os.path.join(base, name)
+            if os.path.isfile(src) and not name.endswith(".safetensors") and \
+                    name not in ("model.safetensors.index.json", "config.json"):
+                shutil.copy2(src, os.path.join(tmp, name))
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    except OSError as e:
+        raise io_error(e, tmp, "writing the merged checkpoint")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged {cfg.adapter} into {cfg.model} -> {cfg.out} ({cfg.format} layout)")
 
 
@@ -304,7 +409,7 @@ def main(argv=None) -> int:
         return 2
     try:
         merge(parse(MergeConfig, argv[1:], MergeConfig.__doc__))
-    except (DataError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,90 +1,111 @@
 """The training objective: text cross-entropy + per-codebook audio cross-entropy (OFFICIAL.md
 section 7), weighted, plus an optional voice-consistency term.
 
-Losses are kept as SUMS with their token COUNTS (LossSums), so a caller adds them over
+Each term is kept as a SUM with its COUNT (`Sums`, a dict by term name), so a step adds them over
 micro-batches and ranks and divides once by the global count: the result does not depend on how a
 step's samples are split. Heads are applied only where a label exists.
+
+Adding a term (say an audio z-loss) touches three places:
+1. its computation: a `Term` in TERMS, with its count (known before the forward) and its sum;
+2. its flag: a weight in LossConfig, named in the Term;
+3. its weight in the total: a line in `Objective.loss`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from chatml import IGNORE, DataError
+from chatml import IGNORE
+from cli import option
 from collate import Batch
+from errors import ConfigError
 
 TEXT_CHUNK_ROWS = 4096  # text logits are materialised this many positions at a time
 
 
 @dataclass
-class LossSums:
-    text_sum: torch.Tensor  # () summed CE over supervised text tokens
-    text_count: torch.Tensor  # () supervised text tokens
-    audio_sum: torch.Tensor  # (K,) summed CE per codebook
-    audio_count: torch.Tensor  # (K,) supervised frames per codebook
-    voice_sum: torch.Tensor  # () summed 1 - cos(reference, target) (voice-consistency term)
-    voice_count: torch.Tensor  # () samples with both reference and target audio
+class LossConfig:
+    """loss: text CE + per-codebook audio CE (+ optional voice consistency)"""
+    text_loss_weight: float = option(1.0, "weight of the text cross-entropy", min=0, on_resume="applied")
+    audio_loss_weight: float = option(1.0, "weight of the audio cross-entropy", min=0, on_resume="applied")
+    codebook_weights: str = option("", "per-codebook weights of the audio term, e.g. 4,1,1,1,1,1,1,1 "
+                                   "(scaled so equal weights give the plain mean); none: equal",
+                                   on_resume="applied")
+    voice_consistency_weight: float = option(0.0, "weight of 1 - cos(mean hidden state of the "
+                                             "reference audio, of the target audio); 0: off",
+                                             min=0, on_resume="applied")
 
-    @staticmethod
-    def zeros(K: int, device=None) -> "LossSums":
-        z = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
-        return LossSums(z(), z(), z(K), z(K), z(), z())
 
-    def __add__(self, other: "LossSums") -> "LossSums":
-        return LossSums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+class Sums(dict):
+    """{term: summed loss, term + "_count": what it is divided by}; tensors, added by name."""
 
-    def detach(self) -> "LossSums":
-        return LossSums(*(getattr(self, f.name).detach() for f in fields(self)))
+    def __add__(self, other: "Sums") -> "Sums":
+        return Sums({k: v + other[k] for k, v in self.items()})
 
-    def to(self, device) -> "LossSums":
-        return LossSums(*(getattr(self, f.name).to(device) for f in fields(self)))
+    def detach(self) -> "Sums":
+        return Sums({k: v.detach() for k, v in self.items()})
 
-    def all_reduced(self) -> "LossSums":
+    def to(self, device) -> "Sums":
+        return Sums({k: v.to(device) for k, v in self.items()})
+
+    def all_reduced(self) -> "Sums":
         """Summed over every rank, in one collective."""
-        parts = [getattr(self, f.name).float().reshape(-1) for f in fields(self)]
+        parts = [v.float().reshape(-1) for v in self.values()]
         flat = torch.cat(parts)
         dist.all_reduce(flat)
-        sizes = [p.numel() for p in parts]
-        return LossSums(*(t.view_as(getattr(self, f.name)) for f, t in
-                          zip(fields(self), flat.split(sizes))))
+        return Sums({k: t.view_as(v) for (k, v), t in
+                     zip(self.items(), flat.split([p.numel() for p in parts]))})
 
 
-def text_ce_sum(model, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed CE of the text head over (M, D) rows, computed in chunks so that at most
-    TEXT_CHUNK_ROWS x vocab logits exist at once (fp32 for the softmax)."""
-    total = hidden_rows.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden_rows.shape[0], TEXT_CHUNK_ROWS):
-        logits = model.text_logits(hidden_rows[start:start + TEXT_CHUNK_ROWS]).float()
-        total = total + F.cross_entropy(logits, targets[start:start + TEXT_CHUNK_ROWS],
+# ----------------------------------------------------------------------------------------------
+# The terms
+
+
+def text_count(batch: Batch, cfg) -> torch.Tensor:
+    """Supervised text tokens, made where the batch is (a host-made tensor copied to the GPU
+    would make the host wait for the forward)."""
+    return batch.text_targets.new_full((), batch.text_targets.numel(), dtype=torch.float32)
+
+
+def text_ce_sum(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Summed CE of the text head at the supervised positions, at most TEXT_CHUNK_ROWS x vocab
+    logits at once (fp32 for the softmax)."""
+    rows = hidden.reshape(-1, hidden.shape[-1])[batch.text_logit_index]
+    total = rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], TEXT_CHUNK_ROWS):
+        logits = model.text_logits(rows[start:start + TEXT_CHUNK_ROWS]).float()
+        total = total + F.cross_entropy(logits, batch.text_targets[start:start + TEXT_CHUNK_ROWS],
                                         reduction="sum")
     return total
 
 
-def audio_ce_sums(model, flat_hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+def audio_token_counts(batch: Batch, cfg=None) -> torch.Tensor:
+    """(K,) supervised audio frames per codebook."""
+    return (batch.audio_targets != IGNORE).sum(0).float()
+
+
+def audio_ce_sums(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """(K,) summed CE per codebook: stream position j predicts frame j+1."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
     K = model.cfg.audio_num_codebooks
     if not batch.audio_logit_rows.numel():  # keeps the heads in the graph (DDP needs every grad)
-        return flat_hidden.new_zeros(K, dtype=torch.float32) + 0.0 * flat_hidden.sum()
-    rows = flat_hidden[batch.audio_out_index[batch.audio_logit_rows]]
-    logits = model.audio_logits(rows).float()  # (M, K, C)
+        return flat.new_zeros(K, dtype=torch.float32) + 0.0 * flat.sum()
+    logits = model.audio_logits(flat[batch.audio_out_index[batch.audio_logit_rows]]).float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.audio_targets.reshape(-1),
                          ignore_index=IGNORE, reduction="none")
     return ce.view(-1, K).sum(0)
-
-
-def audio_token_counts(batch: Batch) -> torch.Tensor:
-    """(K,) supervised audio frames per codebook."""
-    return (batch.audio_targets != IGNORE).sum(0).float()
 
 
 def voice_groups(batch: Batch, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat positions, group = 2 * row + is_target) of every sample's reference audio (audio-in
     codes and context audio-out segments) and target audio (trained audio-out segments). An
     audio-out segment starts with an all-stream-BOS frame; it is trained if it has any label.
-    Only gathers and scatters of known sizes: on the GPU the host never waits for the forward."""
+    Gathers and scatters of known sizes only, so the host never waits for the GPU."""
     L = batch.input_ids.shape[1]
     out_rows = torch.searchsorted(batch.audio_index, batch.audio_out_index)  # both ascending
     starts = (batch.audio_codes[out_rows] == bos).all(1)
@@ -98,23 +119,42 @@ def voice_groups(batch: Batch, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def voice_group_sizes(group: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 2) reference and target positions per sample, and which samples have both."""
-    # not bincount: its output size is read from the GPU, which makes the host wait
     sizes = torch.zeros(2 * B, dtype=torch.long, device=group.device) \
-        .index_add_(0, group, torch.ones_like(group)).view(B, 2)
+        .index_add_(0, group, torch.ones_like(group)).view(B, 2)  # not bincount: a host wait
     return sizes, (sizes > 0).all(dim=1)
 
 
-def voice_consistency_sums(hidden: torch.Tensor, batch: Batch, bos: int):
+def voice_count(batch: Batch, cfg) -> torch.Tensor:
+    """Samples with both reference and target audio."""
+    _, group = voice_groups(batch, cfg.audio_stream_bos_id)
+    return voice_group_sizes(group, batch.input_ids.shape[0])[1].sum().float()
+
+
+def voice_consistency_sum(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum over samples of 1 - cos(mean final hidden state over the reference-audio positions,
-    mean over the target-audio positions), and the number of samples that have both."""
+    mean over the target-audio positions); samples without both add nothing."""
     B = hidden.shape[0]
-    positions, group = voice_groups(batch, bos)
+    positions, group = voice_groups(batch, model.cfg.audio_stream_bos_id)
     flat = hidden.reshape(-1, hidden.shape[-1]).float()
     totals = flat.new_zeros(2 * B, flat.shape[1]).index_add(0, group, flat[positions])
     sizes, both = voice_group_sizes(group, B)
     means = totals.view(B, 2, -1) / sizes.clamp(min=1)[..., None].to(flat.dtype)
-    cos = F.cosine_similarity(means[:, 0], means[:, 1], dim=-1)
-    return ((1 - cos) * both).sum(), both.sum().to(flat.dtype)
+    return ((1 - F.cosine_similarity(means[:, 0], means[:, 1], dim=-1)) * both).sum()
+
+
+@dataclass(frozen=True)
+class Term:
+    count: Callable  # (batch, model config) -> what the sum is divided by, known before the forward
+    sum: Callable  # (model, final hidden states, batch) -> the summed loss
+    weight: str  # its LossConfig flag; the term is computed when the weight is not 0 (or always)
+    always: bool = False  # computed even at weight 0: a metric worth logging
+
+
+TERMS = {
+    "text": Term(text_count, text_ce_sum, "text_loss_weight", always=True),
+    "audio": Term(audio_token_counts, audio_ce_sums, "audio_loss_weight", always=True),
+    "voice": Term(voice_count, voice_consistency_sum, "voice_consistency_weight"),
+}
 
 
 def parse_codebook_weights(text: str, K: int) -> torch.Tensor:
@@ -125,65 +165,57 @@ def parse_codebook_weights(text: str, K: int) -> torch.Tensor:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
         weights = []
-    if len(weights) != K or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise DataError(f"--codebook_weights {text}: must be {K} comma-separated numbers >= 0 "
-                        "with a positive sum, one per codebook of the model")
+    if len(weights) != K or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--codebook_weights {text}: must be {K} comma-separated numbers >= 0 "
+                          "with a positive sum, one per codebook of the model")
     w = torch.tensor(weights, dtype=torch.float32)
     return w * (K / w.sum())
 
 
-@dataclass
 class Objective:
-    """What the optimiser minimises: text_weight * text CE + audio_weight * (codebook-weighted
-    mean of the per-codebook audio CEs) + voice_weight * mean (1 - cos) of the voice term; each
-    term divided by its token (or sample) count over the whole step."""
-    cfg: object  # HiggsConfig
-    text_weight: float = 1.0
-    audio_weight: float = 1.0
-    codebook_weights: torch.Tensor | None = None  # (K,) summing to K; None = equal
-    voice_weight: float = 0.0
+    """What the optimiser minimises: each term's sum divided by its count over the whole step,
+    weighted (the audio term averages its codebooks with --codebook_weights)."""
 
-    def counts(self, batch: Batch) -> LossSums:
+    def __init__(self, model_cfg, cfg: LossConfig = LossConfig()):
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.codebook_weights = parse_codebook_weights(cfg.codebook_weights,
+                                                       model_cfg.audio_num_codebooks)
+        self.terms = {n: t for n, t in TERMS.items() if t.always or getattr(cfg, t.weight)}
+
+    def counts(self, batch: Batch) -> Sums:
         """Zero sums with the batch's counts: known on the host before any forward."""
-        zero = torch.zeros(())
-        voice = zero
-        if self.voice_weight:
-            _, group = voice_groups(batch, self.cfg.audio_stream_bos_id)
-            voice = voice_group_sizes(group, batch.input_ids.shape[0])[1].sum().float()
-        audio_count = audio_token_counts(batch)
-        return LossSums(zero, torch.tensor(float(batch.text_targets.numel())),
-                        torch.zeros_like(audio_count), audio_count, zero, voice)
+        out = Sums()
+        for name, term in self.terms.items():
+            count = term.count(batch, self.model_cfg)
+            out[name], out[name + "_count"] = torch.zeros_like(count), count
+        return out
 
-    def sums(self, model, hidden: torch.Tensor, batch: Batch) -> LossSums:
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        zero = flat.new_zeros((), dtype=torch.float32)
-        voice = voice_consistency_sums(hidden, batch, self.cfg.audio_stream_bos_id) \
-            if self.voice_weight else (zero, zero)
-        # counts filled on the device: a host-made tensor would make the host wait for the forward
-        return LossSums(text_ce_sum(model, flat[batch.text_logit_index], batch.text_targets),
-                        flat.new_full((), batch.text_targets.numel(), dtype=torch.float32),
-                        audio_ce_sums(model, flat, batch), audio_token_counts(batch), *voice)
+    def sums(self, model, hidden: torch.Tensor, batch: Batch) -> Sums:
+        out = Sums()
+        for name, term in self.terms.items():
+            out[name], out[name + "_count"] = term.sum(model, hidden, batch), \
+                term.count(batch, self.model_cfg)
+        return out
 
-    def loss(self, sums: LossSums, total: LossSums) -> torch.Tensor:
+    def loss(self, sums: Sums, total: Sums) -> torch.Tensor:
         """The objective of `sums` (one micro-batch's, for backward, or the step's) divided by
         the step's global counts `total`."""
-        per_cb = sums.audio_sum / total.audio_count.clamp(min=1)
-        w = torch.ones_like(per_cb) if self.codebook_weights is None \
-            else self.codebook_weights.to(per_cb.device)
-        loss = self.text_weight * sums.text_sum / total.text_count.clamp(min=1) + \
-            self.audio_weight * (w * per_cb).mean()
-        if self.voice_weight:
-            loss = loss + self.voice_weight * sums.voice_sum / total.voice_count.clamp(min=1)
+        c = self.cfg
+        mean = {n: sums[n] / total[n + "_count"].clamp(min=1) for n in self.terms}
+        w = self.codebook_weights.to(mean["audio"].device)
+        loss = c.text_loss_weight * mean["text"] + c.audio_loss_weight * (w * mean["audio"]).mean()
+        if "voice" in mean:
+            loss = loss + c.voice_consistency_weight * mean["voice"]
         return loss
 
-    def metrics(self, total: LossSums) -> dict:
-        """The step's objective (`loss`) and its parts as token-weighted means."""
-        per_cb = (total.audio_sum / total.audio_count.clamp(min=1)).tolist()
-        out = dict(loss=float(self.loss(total, total)),
-                   text_loss=float(total.text_sum / total.text_count.clamp(min=1)),
-                   audio_loss=sum(per_cb) / len(per_cb), audio_loss_per_codebook=per_cb,
-                   num_text_tokens=int(total.text_count),
-                   num_audio_tokens_per_codebook=[int(c) for c in total.audio_count.tolist()])
-        if self.voice_weight:
-            out["voice_consistency"] = float(total.voice_sum / total.voice_count.clamp(min=1))
+    def metrics(self, total: Sums) -> dict:
+        """The step's objective (`loss`) and each term as a mean (`audio_loss` over codebooks,
+        each codebook in `audio_loss_per_codebook`), with the token counts."""
+        out = dict(loss=float(self.loss(total, total)))
+        for name in self.terms:
+            mean = (total[name] / total[name + "_count"].clamp(min=1)).tolist()
+            out[f"{name}_loss"] = sum(mean) / len(mean) if isinstance(mean, list) else mean
+        out["audio_loss_per_codebook"] = (total["audio"] / total["audio_count"].clamp(min=1)).tolist()
+        out["num_text_tokens"] = int(total["text_count"])
+        out["num_audio_tokens_per_codebook"] = [int(c) for c in total["audio_count"].tolist()]
         return out

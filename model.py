@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -138,7 +137,7 @@ class MLP(nn.Module):
     projections = ("gate_proj", "up_proj")  # linears that read the same input
 
     def project(self, x) -> tuple[torch.Tensor, ...]:
-        """gate and up of x (an adapter may compute them together: lora.share_down_projections)."""
+        """gate and up of x, one linear each (FusedMLP and lora.GroupedLoRAMLP do it otherwise)."""
         return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x):
@@ -190,7 +189,8 @@ class Attention(nn.Module):
     projections = ("q_proj", "k_proj", "v_proj")  # linears that read the same input
 
     def project(self, x) -> tuple[torch.Tensor, ...]:
-        """q, k and v of x (an adapter may compute them together: lora.share_down_projections)."""
+        """q, k and v of x, one linear each (FusedAttention and lora.GroupedLoRAAttention do it
+        otherwise)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, kv: LayerKV | None = None):
@@ -204,11 +204,9 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if kv is not None:  # generation: attend over every position run so far (mask is explicit)
             k, v = kv.append(k, v)
-            if L == 1:  # one query per row: the query heads sharing a key/value head become that
-                # head's query rows, so the cache is read once (enable_gqa with a mask falls back
-                # to copying every key and value once per query head); two matmuls and a fused
-                # softmax beat the fused attention kernels at one query (H100: 4.13 -> 3.75 ms a
-                # frame at batch 1)
+            if L == 1:  # one query per row: the query heads sharing a key/value head become
+                # that head's query rows, so the cache is read once (enable_gqa with a mask
+                # copies every key and value once per query head)
                 qg = q.reshape(B, self.num_kv_heads, -1, self.head_dim)
                 scores = torch.matmul(qg, k.transpose(-1, -2)) * self.head_dim ** -0.5
                 scores = scores.masked_fill(~mask, float("-inf")).float().softmax(-1)
@@ -537,37 +535,68 @@ def random_model(cfg: HiggsConfig, device, dtype) -> HiggsAudioModel:
     return model.to(dtype)
 
 
-def projection_groups(model: nn.Module):
-    """(module, its sibling linears) of every module whose `project(x)` applies several linears
-    to one input (Attention: q/k/v; MLP: gate/up), the groups that one GEMM can serve."""
-    for module in model.modules():
-        names = getattr(module, "projections", ())
-        if names:
-            yield module, [getattr(module, n) for n in names]
+def plain_type(module: nn.Module) -> type | None:
+    """Attention or MLP for a module of one of their kinds (plain, fused, grouped LoRA), else None."""
+    return next((c for c in type(module).__mro__ if c in (Attention, MLP)), None)
+
+
+def retyped(module: nn.Module, cls: type) -> nn.Module:
+    """A module of class `cls` over the same submodules, parameters and attributes: how a model
+    is prepared for generation (FusedAttention) or LoRA (lora.GroupedLoRAAttention)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: v.copy() if k in ("_modules", "_parameters", "_buffers") else v
+                         for k, v in module.__dict__.items()})
+    return new
+
+
+def replace_modules(model: nn.Module, make) -> int:
+    """Put `make(name, module)` in place of every module for which it returns one; the count."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        new = make(name, module)
+        if new is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            count += 1
+    return count
+
+
+class FusedProjections:
+    """For generation: the sibling linears (q/k/v, gate/up) as row blocks of one weight tensor,
+    one GEMM where there were several. A GEMM of a few rows is bound by reading its weights, and
+    one large read is faster than several small ones. The linears keep their names, shapes and
+    values (their weights become views of the fused tensor), so no memory is added; an optimizer
+    made before, or a model.to() after, would not see the new storage."""
+
+    def fuse(self) -> "FusedProjections":
+        linears = [getattr(self, n) for n in self.projections]
+        self.fused_weight = torch.cat([m.weight for m in linears])
+        self.fused_sizes = [m.out_features for m in linears]
+        for m, rows in zip(linears, self.fused_weight.split(self.fused_sizes)):
+            m.weight = nn.Parameter(rows, requires_grad=m.weight.requires_grad)
+        return self
+
+    def project(self, x) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.fused_weight).split(self.fused_sizes, dim=-1)
+
+
+class FusedAttention(FusedProjections, Attention):
+    """Attention with q/k/v as one GEMM (generation)."""
+
+
+class FusedMLP(FusedProjections, MLP):
+    """SwiGLU with gate/up as one GEMM (generation)."""
 
 
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
-    """Inference layout (generate.py, bench.py --generate): the sibling linears of each Attention
-    (q/k/v) and MLP (gate/up) become row blocks of one weight tensor, and `project` runs one GEMM
-    where it ran three or two. A decode GEMM of a few rows is bound by reading its weights, and a
-    larger one reads them faster (README, Performance). Names, shapes and values stay as they
-    were and no memory is added, but the parameters are new objects over the fused storage: an
-    optimizer made before, or a model.to() after, would not see it. Linears with an adapter keep
-    their own path (lora.inject_lora also undoes the fusion of the modules it wraps). Returns
-    the groups fused."""
-    groups = 0
-    for module, linears in projection_groups(model):
-        if not all(type(m) is nn.Linear and m.bias is None for m in linears):
-            continue
-        fused = torch.cat([m.weight for m in linears])
-        sizes = [m.out_features for m in linears]
-        for m, rows in zip(linears, fused.split(sizes)):
-            m.weight = nn.Parameter(rows, requires_grad=m.weight.requires_grad)
-        module.project = partial(fused_project, weight=fused, sizes=sizes)
-        groups += 1
-    return groups
+    """Generation's layout (generate.py, bench.py --generate): every Attention and MLP whose
+    sibling linears are plain bias-free nn.Linear becomes a FusedAttention / FusedMLP (linears
+    with an adapter keep their own path). Returns the modules fused."""
+    fused = {Attention: FusedAttention, MLP: FusedMLP}
 
-
-def fused_project(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    return F.linear(x, weight).split(sizes, dim=-1)
+    def make(_, m):
+        if type(m) in fused and all(type(getattr(m, n)) is nn.Linear and getattr(m, n).bias is None
+                                    for n in m.projections):
+            return retyped(m, fused[type(m)]).fuse()
+    return replace_modules(model, make)

@@ -5,6 +5,13 @@ each stage run and measured, and the summary.
     python3 rehearse.py assets WORK [--tiny]     # WORK/model, WORK/audio_tokenizer, WORK/data/*
     python3 rehearse.py stage WORK NAME [--kill_when GLOB] -- COMMAND ...
     python3 rehearse.py report WORK              # the summary: one JSON line
+    python3 rehearse.py corpus DIR [--clips N] [--lengths 1,20] [--codebook_size 1024]
+
+`corpus` writes a realistic-length synthetic corpus for bench.py --data and scale tests: N clips
+of log-normal durations (median 6 s) within --lengths seconds, in 50-clip speaker folders
+(DIR/train/speakerS/clipC.wav + .txt), the same pairs as ChatML in DIR/train.jsonl, and each
+clip's codes sidecar written directly (random codes, with provenance). The WAVs are silent and
+sparse: a file of any length takes a few kB of disk.
 """
 from __future__ import annotations
 
@@ -277,13 +284,56 @@ def against_one_gpu(run_rows: list[dict], one_gpu_rows: list[dict], world: int,
         if common else None)
 
 
+def corpus(out: str, clips: int, lengths: tuple[float, float], codebook_size: int,
+           per_speaker: int = 50) -> None:
+    from audio import CODES_SAMPLE_RATE, expected_frames, save_codes
+    from chatml import cloning_record
+
+    rng = np.random.default_rng(0)
+    seconds = np.clip(rng.lognormal(np.log(6.0), 0.6, clips), *lengths)
+    records = []
+    for c, sec in enumerate(seconds):
+        speaker, n = f"speaker{c // per_speaker:04d}", int(sec * CODES_SAMPLE_RATE)
+        stem = os.path.join(out, "train", speaker, f"clip{c:07d}")
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        with sf.SoundFile(stem + ".wav", "w", CODES_SAMPLE_RATE, 1, "PCM_16") as f:
+            f.write(np.zeros(1, np.int16))
+        with open(stem + ".wav", "r+b") as f:  # grow to n samples of silence without writing them
+            f.truncate(44 + 2 * n)
+            f.seek(4)
+            f.write((36 + 2 * n).to_bytes(4, "little"))
+            f.seek(40)
+            f.write((2 * n).to_bytes(4, "little"))
+        save_codes(stem + ".wav", rng.integers(0, codebook_size, (8, expected_frames(
+            n, CODES_SAMPLE_RATE)), dtype=np.int16), "random codes (rehearse.py corpus)")
+        text = " ".join(rng.choice(WORDS, max(2, int(sec * 14 / 5)))).capitalize() + "."
+        with open(stem + ".txt", "w") as f:
+            f.write(text + "\n")
+        records.append((speaker, os.path.relpath(stem + ".wav", out), text))
+    with open(os.path.join(out, "train.jsonl"), "w") as f:
+        for i, (speaker, audio, text) in enumerate(records):
+            j = i + 1 if i + 1 < len(records) and records[i + 1][0] == speaker else \
+                i - i % per_speaker
+            f.write(json.dumps(cloning_record(records[j][2], records[j][1], text, audio, speaker))
+                    + "\n")
+    print(f"corpus: {clips} clips, {seconds.sum() / 3600:.1f} h in {out}")
+
+
+def option(argv: list[str], name: str, default: str) -> str:
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
 def main(argv: list[str]) -> int:
     command, work = argv[0], argv[1]
-    if command == "assets":
+    if command == "corpus":
+        corpus(work, int(option(argv, "--clips", "1000")),
+               tuple(float(x) for x in option(argv, "--lengths", "1,20").split(",")),
+               int(option(argv, "--codebook_size", "1024")))
+    elif command == "assets":
         assets(work, "--tiny" in argv)
     elif command == "stage":
         split = argv.index("--")
-        kill = argv[argv.index("--kill_when") + 1] if "--kill_when" in argv[:split] else ""
+        kill = option(argv[:split], "--kill_when", "")
         return stage(work, argv[2], argv[split + 1:], kill)
     elif command == "report":
         print(json.dumps(report(work)))

@@ -3,7 +3,8 @@
     OUT/config.json              the run's settings (flag names), compared on resume
     OUT/metrics.jsonl            one JSON object per line: a row per step, eval and sample rows
     OUT/checkpoints/step_N/      adapter/, trainer.pt (optimizer, scheduler, data position, every
-                                 rank's RNG state), config.json, and COMPLETE, written last
+                                 rank's RNG state, data fingerprint), config.json, and COMPLETE,
+                                 written last
     OUT/adapter/                 the final adapter
     OUT/skipped_records.jsonl    the records --skip_invalid dropped
     OUT/tensorboard/             with --log_to tensorboard (wandb: OUT/wandb, OUT/wandb_id)
@@ -11,8 +12,10 @@
 
 One run per folder: a fresh run where another run's files are is an error unless --resume or
 --overwrite, and a second run while one holds the lock is told who holds it. A checkpoint is
-complete only with its COMPLETE marker; it replaces an older one of the same step by renames,
-so a kill at any moment leaves a complete copy that resume finds.
+complete only with its COMPLETE marker, written after its files reach the disk (fsync); it
+replaces an older one of the same step by renames, and is renamed away before it is deleted, so
+a kill or a power loss at any moment leaves a complete copy that resume finds. A damaged one is
+reported and the resume goes on from the newest intact one.
 """
 from __future__ import annotations
 
@@ -25,32 +28,20 @@ import re
 import shutil
 import socket
 import time
+import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from chatml import DataError
+from errors import ConfigError, UserError, io_error
 from lora import copy_adapter_weights, read_adapter, save_adapter
 
 COMPLETE = "COMPLETE"
-CHECKPOINT_NAME = re.compile(r"(\.tmp_|\.old_)?step_(\d{8})")
+CHECKPOINT_NAME = re.compile(r"(\.tmp_|\.old_|\.del_)?step_(\d{8})")
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "adapter", "samples", "loss.png",
              "skipped_records.jsonl", "tensorboard", "wandb", "wandb_id")
-
-
-def io_error(e: Exception, path: str, doing: str) -> DataError:
-    """An OSError (or torch.save's RuntimeError on a full disk) as one line naming the path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    free = shutil.disk_usage(folder).free
-    if getattr(e, "errno", None) == errno.ENOSPC or free < 64 * 2 ** 20:
-        return DataError(f"{doing} {path}: no space left on the device ({free / 2 ** 20:.0f} MiB "
-                         "free); free some space or use another --output_dir, then --resume")
-    if getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return DataError(f"{doing} {path}: permission denied; choose an --output_dir you can write")
-    return DataError(f"{doing} {path}: {e}")
 
 
 def rng_state() -> dict:
@@ -73,13 +64,40 @@ def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     rank = {None: 0, ".tmp_": 1, ".old_": 2}
     for name in os.listdir(root) if os.path.isdir(root) else []:
         m = CHECKPOINT_NAME.fullmatch(name)
-        if m and os.path.isfile(os.path.join(root, name, COMPLETE)):
+        if m and m.group(1) in rank and os.path.isfile(os.path.join(root, name, COMPLETE)):
             step, kind = int(m.group(2)), rank[m.group(1)]
             if step not in found or kind < found[step][0]:
                 found[step] = (kind, os.path.join(root, name))
     return sorted((step, folder) for step, (_, folder) in found.items())
 
 
+def remove(folder: str) -> None:
+    """Delete a checkpoint folder safely: renamed to .del_* first (atomic), so a kill during the
+    deletion never leaves a folder that looks complete without its files."""
+    name = os.path.basename(folder)
+    m = CHECKPOINT_NAME.fullmatch(name)
+    doomed = os.path.join(os.path.dirname(folder), f".del_step_{m.group(2)}" if m else f".del_{name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.rename(folder, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str) -> None:
+    """Every file under `folder`, then the folders, on the disk (a power loss loses none)."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files + ["."]:
+            fsync(os.path.join(root, name))
 
 
 def scalars(row: dict):
@@ -97,11 +115,11 @@ def check_loggers(names: list[str]) -> None:
 
     for name in names:
         if name not in LOGGERS:
-            raise DataError(f"--log_to {name}: unknown; use tensorboard, wandb or both "
-                            "(comma-separated); metrics.jsonl is always written")
+            raise ConfigError(f"--log_to {name}: unknown; use tensorboard, wandb or both "
+                              "(comma-separated); metrics.jsonl is always written")
         if importlib.util.find_spec(name) is None:
-            raise DataError(f"--log_to {name}: the {name} package is not installed; `pip install "
-                            f"{name}`, or drop --log_to (metrics.jsonl is always written)")
+            raise ConfigError(f"--log_to {name}: the {name} package is not installed; `pip "
+                              f"install {name}`, or drop --log_to (metrics.jsonl is always written)")
 
 
 class TensorBoardLog:
@@ -150,11 +168,17 @@ class RunDir:
     def __init__(self, path: str, main: bool = True):
         self.path, self.main, self.lock_file, self.metrics, self.loggers = path, main, None, None, []
 
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     # -- claiming the folder ----------------------------------------------------------------------
     def claim(self, resume: bool, overwrite: bool) -> None:
         """Lock the folder, and refuse to mix a fresh run into another run's files."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise DataError(f"--output_dir {self.path} is a file; give a folder")
+            raise ConfigError(f"--output_dir {self.path} is a file; give a folder")
         if not self.main:
             return
         try:
@@ -171,26 +195,54 @@ class RunDir:
                 raise io_error(e, self.path, "locking --output_dir")
             self.lock_file.seek(0)
             holder = self.lock_file.read().strip() or "another process"
-            raise DataError(f"--output_dir {self.path} is in use by another run ({holder}); wait for "
-                            "it to end, or choose another --output_dir")
+            raise ConfigError(f"--output_dir {self.path} is in use by another run ({holder}); wait "
+                              "for it to end, or choose another --output_dir")
         self.lock_file.seek(0)
         self.lock_file.truncate()
         self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self.lock_file.flush()
-        existing = [n for n in RUN_FILES if os.path.exists(os.path.join(self.path, n))]
+        existing = self.run_files()
         if existing and not resume:
             if not overwrite:
-                raise DataError(f"--output_dir {self.path} holds another run ({', '.join(existing)}); "
-                                "continue it with --resume, replace it with --overwrite, or choose "
-                                "another --output_dir")
+                raise ConfigError(f"--output_dir {self.path} holds another run ("
+                                  f"{', '.join(existing)}); continue it with --resume, replace it "
+                                  "with --overwrite, or choose another --output_dir")
             for name in existing:
                 target = os.path.join(self.path, name)
                 shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
 
+    def run_files(self) -> list[str]:
+        return [n for n in RUN_FILES if os.path.exists(os.path.join(self.path, n))]
+
+    def run_id(self) -> str | None:
+        """The id config.json gives the run in this folder (a fresh run draws a new one)."""
+        try:
+            with open(os.path.join(self.path, "config.json")) as f:
+                return json.load(f).get("run_id")
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def new_run_id() -> str:
+        return uuid.uuid4().hex[:12]
+
+    def finished_at(self, step: int) -> bool:
+        """Whether the run wrote its final adapter at `step` (metrics.jsonl's `finished` row)."""
+        path = os.path.join(self.path, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return False
+        with open(path, encoding="utf-8") as f:
+            return any(line.startswith(f'{{"step": {step}, "finished"') for line in f)
+
     def release(self) -> None:
+        """Close everything, quietly: an error here (a full disk again) would hide the one that
+        ended the run."""
         if self.metrics:
-            self.metrics.close()
+            try:
+                self.metrics.close()
+            except OSError:
+                pass
             self.metrics = None
         for logger in self.loggers:
             logger.close()
@@ -204,6 +256,15 @@ class RunDir:
         with open(os.path.join(folder or self.path, "config.json"), "w") as f:
             json.dump(settings, f, indent=2)
 
+    def start(self, settings: dict, step: int, log_to: list[str], resumed: bool, log) -> None:
+        """Rank 0, before the first step: config.json, the folder cut back to the resumed step,
+        metrics.jsonl opened for appending."""
+        if self.main:
+            self.write_config(settings)
+            if resumed:
+                self.cut_back(step, log)
+        self.open_metrics(step, log_to, settings)
+
     # -- metrics.jsonl ----------------------------------------------------------------------------
     def cut_back(self, resumed_step: int, log) -> None:
         """Rank 0, on a resume: the checkpoints and samples of steps after `resumed_step` belong
@@ -216,7 +277,7 @@ class RunDir:
             for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
                 m = CHECKPOINT_NAME.fullmatch(name)
                 if m and int(m.group(2)) > resumed_step:
-                    shutil.rmtree(os.path.join(root, name))
+                    remove(os.path.join(root, name))
                     log(f"resume: removed {sub}/{name}, after the resumed step {resumed_step}")
 
     def open_metrics(self, resumed_step: int, log_to: list[str] = (), settings: dict = None) -> None:
@@ -257,22 +318,25 @@ class RunDir:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, write) -> str:
-        """Rank 0: `write(folder)` fills a temporary folder, COMPLETE is written last, then the
-        folder is renamed into place (an older copy of the step is renamed away first, then
-        removed). Returns the checkpoint folder."""
+        """Rank 0: `write(folder)` fills a temporary folder, its files reach the disk, COMPLETE
+        is written last, then the folder is renamed into place (an older copy of the step is
+        renamed away first, then removed). Returns the checkpoint folder."""
         root = os.path.join(self.path, "checkpoints")
         final = os.path.join(root, f"step_{step:08d}")
         tmp, old = (os.path.join(root, f".{kind}_step_{step:08d}") for kind in ("tmp", "old"))
         try:
             for stale in (tmp, old):
-                shutil.rmtree(stale, ignore_errors=True)
+                remove(stale)
             os.makedirs(tmp)
             write(tmp)
+            fsync_tree(tmp)
             open(os.path.join(tmp, COMPLETE), "w").close()
+            fsync_tree(tmp)
             if os.path.exists(final):
                 os.rename(final, old)
             os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            fsync(root)
+            remove(old)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             raise io_error(e, tmp, "writing checkpoint")
@@ -286,7 +350,7 @@ class RunDir:
         for name in os.listdir(root):
             folder = os.path.join(root, name)
             if CHECKPOINT_NAME.fullmatch(name) and folder not in kept:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,9 +358,16 @@ class RunDir:
 
 
 def save_training_state(run: RunDir, d, position: dict, model, optimizer, scheduler,
-                        settings: dict) -> str | None:
+                        settings: dict, data: dict) -> str | None:
     """Every rank contributes its RNG state; rank 0 writes the checkpoint of `position` (the
-    adapter, trainer.pt and the run's settings) and returns its folder (None elsewhere)."""
+    adapter, trainer.pt and the run's settings) and returns its folder (None elsewhere). `data`:
+    the fingerprints of the training data, compared on resume. Non-finite weights are never
+    written."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+    if bad:
+        raise TrainingStopped(f"step {position['step']}: {len(bad)} trained tensors are not finite "
+                              f"(e.g. {bad[0]}); not saved. Lower --lr (or check the data) and "
+                              "--resume from the last checkpoint")
     rngs = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(rngs, rng_state())
@@ -304,9 +375,10 @@ def save_training_state(run: RunDir, d, position: dict, model, optimizer, schedu
         rngs = [rng_state()]
     if d.main:
         def write(folder):
-            save_adapter(model, os.path.join(folder, "adapter"), base_model=settings["model"])
+            save_adapter(model, os.path.join(folder, "adapter"), settings["model"], settings["seed"])
             torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            rng=rngs, position=position), os.path.join(folder, "trainer.pt"))
+                            rng=rngs, position=position, data=data),
+                       os.path.join(folder, "trainer.pt"))
             run.write_config(settings, folder)
         folder = run.save_checkpoint(position["step"], write)
     if d.world > 1:
@@ -314,57 +386,104 @@ def save_training_state(run: RunDir, d, position: dict, model, optimizer, schedu
     return folder if d.main else None
 
 
-def resume_checkpoint(resume: str, output_dir: str) -> str | None:
-    """The checkpoint folder --resume names, or the newest complete one in OUT/checkpoints."""
+class TrainingStopped(UserError):
+    """Training cannot go on (non-finite steps or weights): the last checkpoint is intact."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read whole: its folder, settings (config.json), trainer.pt and adapter."""
+    folder: str
+    settings: dict
+    trainer: dict
+    adapter: dict
+
+    @classmethod
+    def read(cls, folder: str) -> "Checkpoint":
+        """Raises ConfigError naming the damaged file."""
+        path = os.path.join(folder, "config.json")
+        try:
+            with open(path) as f:
+                settings = json.load(f)
+            path = os.path.join(folder, "trainer.pt")
+            # on the CPU: each rank's optimizer.load_state_dict moves it to its own parameters
+            trainer = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, ValueError, RuntimeError, EOFError, KeyError) as e:
+            raise ConfigError(f"checkpoint file {path} is damaged ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})")
+        return cls(folder, settings, trainer, read_adapter(os.path.join(folder, "adapter"))[1])
+
+
+def find_resume(resume: str, run: RunDir, log) -> Checkpoint | None:
+    """The checkpoint to resume from: the folder --resume names, or the newest intact one in
+    OUT/checkpoints (a damaged newer one is reported and passed over); None to start fresh.
+    Refuses what would mix two runs: a checkpoint of another run into a folder holding a run,
+    and a folder holding a run without any checkpoint to continue from."""
     if not resume:
         return None
     if resume != "latest":
         if not os.path.isfile(os.path.join(resume, COMPLETE)):
-            raise DataError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} "
-                            "marker); give a step_N folder, or --resume alone for the newest")
-        return resume
-    found = complete_checkpoints(output_dir)
-    return found[-1][1] if found else None
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} "
+                              "marker); give a step_N folder, or --resume alone for the newest")
+        ckpt = Checkpoint.read(resume)
+        outside = os.path.commonpath([os.path.abspath(resume), os.path.abspath(run.path)]) != \
+            os.path.abspath(run.path)
+        if outside and run.run_files() and run.run_id() != ckpt.settings.get("run_id", "?"):
+            raise ConfigError(f"--resume {resume}: a checkpoint of another run than the one in "
+                              f"--output_dir {run.path}; resume it into its own folder, or into a "
+                              "new --output_dir, where it continues cleanly")
+        return ckpt
+    for step, folder in reversed(complete_checkpoints(run.path)):
+        try:
+            return Checkpoint.read(folder)
+        except UserError as e:
+            log(f"resume: {e}; trying the checkpoint before it")
+    if run.run_files():
+        raise ConfigError(f"--resume: --output_dir {run.path} holds a run ({', '.join(run.run_files())}) "
+                          "but no intact checkpoint to continue from; start it over with "
+                          "--overwrite (which deletes it), or choose another --output_dir")
+    log("--resume: no checkpoint yet, starting fresh")
+    return None
 
 
-def compare_settings(path: str, now: dict, kinds: dict, log) -> None:
+def compare_settings(ckpt: Checkpoint, now: dict, kinds: dict, log) -> None:
     """A setting of kind "fixed" (it changes the model or the data order) must equal the
     checkpoint's; one of kind "applied" may change, and is named in the log."""
-    with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f)
+    saved = ckpt.settings
     changed = [(name, saved.get(name), value) for name, value in now.items()
                if kinds.get(name) and saved.get(name, value) != value]
     fixed = [f"--{n} {v} (checkpoint: {old})" for n, old, v in changed if kinds[n] == "fixed"]
     if fixed:
-        raise DataError(f"--resume {path}: {', '.join(fixed)} would change the model or the data "
-                        "order of the run; resume with the checkpoint's values, or start a new run "
-                        "in another --output_dir")
+        raise ConfigError(f"--resume {ckpt.folder}: {', '.join(fixed)} would change the model or "
+                          "the data order of the run; resume with the checkpoint's values, or "
+                          "start a new run in another --output_dir")
     for n, old, v in changed:
         log(f"resume: --{n} {v} applied (checkpoint: {old})")
 
 
-def restore_training_state(path: str, model, optimizer, scheduler, rank: int) -> dict:
+def restore_training_state(ckpt: Checkpoint, model, optimizer, scheduler, rank: int) -> dict:
     """Adapter, optimizer, scheduler and this rank's RNG state of a checkpoint; its position."""
-    # on the CPU: each rank's optimizer.load_state_dict moves the state to its own parameters
-    blob = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
-    copy_adapter_weights(model, read_adapter(os.path.join(path, "adapter"))[1], path)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"][rank])
-    return blob["position"]
+    copy_adapter_weights(model, ckpt.adapter, ckpt.folder)
+    optimizer.load_state_dict(ckpt.trainer["optimizer"])
+    scheduler.load_state_dict(ckpt.trainer["scheduler"])
+    set_rng_state(ckpt.trainer["rng"][rank])
+    return ckpt.trainer["position"]
 
 
-def write_skipped(output_dir: str, path: str, invalid: list) -> None:
-    """OUT/skipped_records.jsonl: the dropped records of `path` (those of other data kept)."""
+def write_skipped(output_dir: str, path: str, split: str, invalid: list) -> None:
+    """OUT/skipped_records.jsonl: the dropped records of `path` read as `split` (train or eval;
+    the rows of other data and splits are kept)."""
     out = os.path.join(output_dir, "skipped_records.jsonl")
     os.makedirs(output_dir, exist_ok=True)
     kept = []
     if os.path.isfile(out):
         with open(out, encoding="utf-8") as f:
-            kept = [line for line in f if json.loads(line)["data"] != path]
+            kept = [line for line in f
+                    if (json.loads(line)["data"], json.loads(line).get("split")) != (path, split)]
     with open(out, "w", encoding="utf-8") as f:
-        f.writelines(kept + [json.dumps({"data": path, "index": x.index, "source": x.source,
-                                         "reason": x.reason}) + "\n" for x in invalid])
+        f.writelines(kept + [json.dumps({"data": path, "split": split, "index": x.index,
+                                         "source": x.source, "reason": x.reason}) + "\n"
+                             for x in invalid])
     print(f"{path}: skipped {len(invalid)} invalid records, listed in {out}", flush=True)
 
 

@@ -1,7 +1,11 @@
 """bench.py's CPU smoke path (the GPU numbers come from device runs, README 'Performance')."""
+import os
+
 import pytest
 
 import bench
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.mark.slow
 def test_bench_cpu_tiny_reports_its_json_fields():
@@ -26,3 +30,13 @@ def test_bench_generate_cpu_tiny_reports_consistent_fields_and_matches_transform
     assert r["decode_ms_per_frame"] == pytest.approx((r["seconds"] - r["prefill_seconds"]) / 20 * 1e3)
     assert r["generate_speedup"] == pytest.approx(r["baseline_ms_per_frame"] / r["ms_per_frame"])
     assert r["baseline_same_codes"]  # transformers' greedy generate picks the same frames
+
+
+@pytest.mark.slow
+def test_bench_data_times_the_real_path_and_reports_its_json_fields():
+    r = bench.main(["--data", os.path.join(ROOT, "demo", "data", "train.jsonl"), "--preset", "tiny",
+                    "--device", "cpu", "--batch_size", "4", "--steps", "1", "--warmup", "1"])
+    assert r["steps"] == 2 * r["steps_per_epoch"] == 20 and r["distinct_shapes"] >= 1
+    assert r["first_epoch_positions_per_s"] > 0 and r["steady_positions_per_s"] > 0
+    assert 0 <= r["padding_fraction"] < 0.5 and r["fixed_positions_per_s"] > 0
+    assert {"first_epoch_share", "steady_share", "host_syncs_per_step", "compiled_graphs"} <= r.keys()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from checkpoint import load_model, save_checkpoint
-from chatml import AudioSegment, DataError, Sample
+from chatml import AudioSegment, Sample
+from errors import ConfigError
 from collate import Collator
 from model import HiggsAudioModel, HiggsConfig, build_model
 
@@ -127,7 +128,7 @@ def test_load_reports_missing_and_unexpected_keys(tmp_path):
     state.pop("norm.weight")
     state["bogus.weight"] = torch.zeros(1)
     save_checkpoint(model, str(tmp_path), state=state)
-    with pytest.raises(DataError, match=r"missing \(1\) \['norm.weight'\], unexpected \(1\) \['bogus.weight'\]"):
+    with pytest.raises(ConfigError, match=r"missing \(1\) \['norm.weight'\], unexpected \(1\) \['bogus.weight'\]"):
         load_model(str(tmp_path), dtype=torch.float32)
 
 
@@ -196,7 +197,7 @@ def test_models_and_adapters_load_by_hub_id_from_the_cache(tiny_ckpt, offline_hu
     assert any("lora_A" in n for n, _ in loaded.named_parameters())
     for name, words in (("org/unknown", "not in the Hugging Face cache while offline"),
                         ("no/such/path", "no such folder")):
-        with pytest.raises(DataError, match=words) as e:
+        with pytest.raises(ConfigError, match=words) as e:
             checkpoint.model_spec(name)
         assert name in str(e.value) and "\n" not in str(e.value)
 

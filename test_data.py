@@ -14,9 +14,9 @@ import torch
 import train as train_mod
 from audio import codes_path, expected_frames
 from checkpoint import load_tokenizer, model_spec, read_config
-from chatml import DataError
-from collate import Collator, expanded_length
-from data import load_dataset, main, make_sample
+from collate import Collator
+from data import expanded_length, load_dataset, main, make_sample
+from errors import DataError
 from formats import load_records, read_records
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -221,6 +221,10 @@ BAD_RECORDS = {  # name -> (record 1 of three, words its error must hold)
                       ["messages[4].content", "nope.wav not found"]),
     "bad offset": (with_turn(4, audio_msg("c1.wav", offset="1")),
                    ["messages[4].content.offset", "seconds"]),
+    "offset not a number": (with_turn(4, audio_msg("c1.wav", offset=float("nan"))),
+                            ["messages[4].content.offset", "finite", "nan"]),
+    "infinite duration": (with_turn(4, audio_msg("c1.wav", duration=float("inf"))),
+                          ["messages[4].content.duration", "finite", "inf"]),
     "offset past the end": (with_turn(4, audio_msg("c1.wav", offset=5.0)),
                             ["messages[4].content", "window", "holds no audio"]),
     "raw_audio not base64": (with_turn(4, {"role": "assistant", "content": {
@@ -255,6 +259,10 @@ BAD_FILES = {  # name -> (writer of the target audio of record 1, words its erro
     "codes out of range": (sidecar(np.full((8, 25), 40)), ["outside [0, 32)"]),
     "codes not integers": (sidecar(np.zeros((8, 25))), ["integer array"]),
     "unreadable codes": (sidecar(np.array([{}])), ["cannot read codes"]),
+    "codes in another container": (lambda p: (write_clip(p), np.savez(codes_path(p) + ".npz",
+                                                                       np.zeros((8, 25), int)),
+                                              os.replace(codes_path(p) + ".npz", codes_path(p))),
+                                   ["cannot read codes", "a .npy array is needed"]),
     "frames vs duration": (lambda p: write_clip(p, frames=31),
                            ["31 frames", "gives 25", "delete it"]),
 }
@@ -449,18 +457,18 @@ def test_skip_invalid_drops_exactly_the_bad_records(clean, tiny):
     path = write_lines(clean / "d.jsonl", objs)
     cfg = train_mod.parse(train_mod.TrainConfig, ["--output_dir", str(clean / "run")])
     with pytest.raises(DataError) as e:
-        train_mod.load_samples(path, *tiny, cfg)
+        train_mod.load_data(path, *tiny, cfg)
     message = str(e.value)
     assert f"{path}: 2 of 5 records are invalid" in message and "--skip_invalid" in message
     assert f"{path}:2 (record 1)" in message and f"{path}:4 (record 3)" in message
     assert not os.path.exists(cfg.run.output_dir)
 
     cfg.data.skip_invalid = True
-    samples = train_mod.load_samples(path, *tiny, cfg)
+    samples = train_mod.load_data(path, *tiny, cfg)
     same_samples(samples, samples_of(write_lines(clean / "good.jsonl", objs[::2]), tiny))
     other = write_lines(clean / "eval.jsonl", [cloning(), {"messages": [user("x")]}])
-    train_mod.load_samples(other, *tiny, cfg)
-    train_mod.load_samples(path, *tiny, cfg)  # rerun: its lines are replaced, the eval lines kept
+    train_mod.load_data(other, *tiny, cfg)
+    train_mod.load_data(path, *tiny, cfg)  # rerun: its lines are replaced, the eval lines kept
     with open(os.path.join(cfg.run.output_dir, "skipped_records.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [(r["data"], r["index"], r["source"]) for r in rows] == [
@@ -557,3 +565,67 @@ def test_json_list_errors_name_the_line(tmp_path, capsys):
     assert rc == 1
     assert f"{path}:2 (record 0): messages[1].content: audio file" in out
     assert f"{path}:4 (record 1): messages[0].content is empty text" in out
+
+
+def test_stale_codes_are_refused_everywhere_and_prepare_encodes_them_again(tmp_path, tiny,
+                                                                           audio_tokenizer,
+                                                                           capsys):
+    import generate
+
+    for i in range(2):
+        write_clip(str(tmp_path / f"c{i}.wav"), codes=False, seed=i)
+    path = write_lines(tmp_path / "d.jsonl", [flat(0, speaker="s"), flat(1, speaker="s")])
+    prepare = ["prepare", path, "--tokenizer", audio_tokenizer, "--device", "cpu"]
+    rc, out, err = cli(prepare, capsys)
+    assert rc == 0 and "2 to encode" in out, out + err
+    assert cli(["check", path], capsys)[0] == 0
+    wav, later = str(tmp_path / "c0.wav"), os.stat(codes_path(str(tmp_path / "c0.wav"))).st_mtime + 5
+    write_clip(wav, codes=False, seed=7)  # re-recorded at the same length, after its codes
+    os.utime(wav, (later, later))
+    rc, out, err = cli(["check", path], capsys)
+    assert rc == 1 and "c0.codes.npy are stale: the audio's content changed after it was" in out
+    assert "rerun `python data.py prepare`" in out
+    assert all("are stale" in x.reason for x in load_dataset(path, *tiny)[1])
+    ref = ["--model", "tiny", "--ref_audio", wav, "--ref_text", "Hi.", "--text", "Yes.", "--out",
+           str(tmp_path / "o.wav"), "--device", "cpu", "--max_seconds", "0.2"]
+    assert generate.main(ref) == 2
+    assert "are stale (the audio's content changed after it was encoded); pass --tokenizer" in \
+        capsys.readouterr().err
+    assert generate.main(["--model", "tiny", "--data", path, "--out_dir", str(tmp_path / "g"),
+                          "--device", "cpu", "--max_seconds", "0.2"]) == 2
+    assert "are stale" in capsys.readouterr().err
+    rc, out, err = cli(prepare, capsys)
+    assert rc == 0 and "1 with valid codes already, 1 to encode" in out
+    assert cli(["check", path], capsys)[0] == 0
+    # a copy keeps its codes: they are older than the audio, but their provenance says whose
+    earlier = later - 100
+    os.utime(codes_path(wav), (earlier, earlier))
+    os.utime(os.path.splitext(wav)[0] + ".codes.json", (earlier, earlier))
+    assert cli(["check", path], capsys)[0] == 0
+    # a sidecar of an earlier version (no provenance): make's rule
+    os.remove(os.path.splitext(wav)[0] + ".codes.json")
+    rc, out, err = cli(["check", path], capsys)
+    assert rc == 1 and "stale: the codes are older than the audio" in out
+    os.utime(codes_path(wav), (later + 1, later + 1))
+    assert cli(["check", path], capsys)[0] == 0
+
+
+def test_codes_in_another_byte_order_read_as_their_values(clean, tiny):
+    codes = np.random.default_rng(0).integers(0, 32, (8, 25)).astype(">i2")
+    write_clip(str(clean / "cbig.wav"))
+    np.save(codes_path(str(clean / "cbig.wav")), codes)
+    [sample] = samples_of(write_lines(clean / "d.jsonl", [cloning(0, "big")]), tiny)
+    assert np.array_equal(sample.audios[1].codes.numpy(), codes.astype(np.int16))
+
+
+def test_check_shares_its_work_among_processes_and_can_sample_the_audio_checks(clean, capsys):
+    write_clip(str(clean / "quiet.wav"), amplitude=0.001, seed=8)
+    records = [cloning(i, i + 1) for i in range(5)] + [cloning(0, "quiet")]
+    (clean / "cquiet.wav").symlink_to(clean / "quiet.wav")
+    (clean / "cquiet.codes.npy").symlink_to(clean / "quiet.codes.npy")
+    path = write_lines(clean / "d.jsonl", records)
+    rc, alone, _ = cli(["check", path], capsys)
+    rc2, shared, _ = cli(["check", path, "--workers", "2"], capsys)
+    assert rc == rc2 == 0 and alone == shared and "near-silent" in alone
+    rc, out, _ = cli(["check", path, "--audio_checks", "2"], capsys)
+    assert rc == 0 and "audio checks (silence, clipping): 2 of 7 files decoded" in out

@@ -20,7 +20,7 @@ import generate
 import lora
 import run_dir
 import train
-from chatml import DataError, need_file
+from errors import ConfigError, DataError, need_file
 from run_dir import RunDir, complete_checkpoints
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +44,7 @@ def same_adapter(a, b):
 def test_a_fresh_run_never_mixes_with_another_runs_files(tmp_path, run_train):
     out = tmp_path / "run"
     run_train(out, "--max_steps", "4", "--save_every", "2")
-    with pytest.raises(DataError, match="holds another run .*--resume.*--overwrite"):
+    with pytest.raises(ConfigError, match="holds another run .*--resume.*--overwrite"):
         run_train(out, "--max_steps", "4", "--save_every", "2", "--seed", "1")
     assert [s for s, _ in complete_checkpoints(str(out))] == [2, 4]  # untouched
     run_train(out, "--max_steps", "2", "--save_every", "1", "--seed", "1", "--overwrite")
@@ -66,7 +66,7 @@ def test_a_folder_in_use_is_refused_and_free_the_moment_its_holder_dies(tmp_path
                               stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:
-        with pytest.raises(DataError, match=rf"in use by another run \(pid {holder.pid} on "):
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid} on "):
             run_train(run)
         holder.kill()
         holder.wait()
@@ -140,7 +140,7 @@ def test_resume_refuses_model_and_data_changes_and_applies_schedule_changes(tmp_
     out = tmp_path / "run"
     run_train(out, "--max_steps", "4", "--save_every", "2")
     for flag, value in (("--lora_r", "8"), ("--seed", "1"), ("--batch_size", "1")):
-        with pytest.raises(DataError, match=rf"{flag} {value} \(checkpoint: .*\) would change the "):
+        with pytest.raises(ConfigError, match=rf"{flag} {value} \(checkpoint: .*\) would change the "):
             run_train(out, "--resume", "--max_steps", "6", flag, value)
     capsys.readouterr()
     run_train(out, "--resume", "--max_steps", "6", "--lr", "1e-3")
@@ -170,6 +170,14 @@ BAD_FLAGS = [  # (argv, words of the one-line error)
     (["--codebook_weights", "a,b"], "--codebook_weights a,b: must be 8 comma-separated numbers"),
     (["--eval_every", "5", "--eval_data", "", "--train_data", EVAL], "--eval_every 5 needs --eval_data"),
     (["--resume", "--overwrite"], "--resume continues the run in --output_dir and --overwrite"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--warmup_steps", "5", "--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--seed", "18446744073709551616"], "--seed 18446744073709551616: out of range"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--sample_max_seconds", "inf"], "--sample_max_seconds inf: must be a finite number"),
+    (["--lora_targets", "("], "--lora_targets '(': not a regular expression"),
+    (["--trainable_modules", "a[b"], "--trainable_modules 'a[b': not a regular expression"),
+    (["--codebook_weights", "nan,1,1,1,1,1,1,1"], "--codebook_weights nan,1,1,1,1,1,1,1: must be"),
 ]
 
 
@@ -192,6 +200,8 @@ def test_other_commands_check_their_flags(tmp_path, capsys):
                                 "--text", " ", "--out", "o.wav"]), "--text: an empty text"),
         (lambda: generate.main(["--model", "tiny", "--temperature", "-1"]),
          "--temperature -1.0: must be >= 0"),
+        (lambda: generate.main(["--model", "tiny", "--max_seconds", "inf"]),
+         "--max_seconds inf: must be a finite number"),
         (lambda: lora.main(["merge", "--model", "tiny", "--adapter", "a", "--out", "o",
                             "--format", "gguf"]), "--format: invalid choice: 'gguf'"),
         (lambda: lora.main(["merge", "--model", "tiny", "--adapter", str(tmp_path), "--out",
@@ -215,7 +225,7 @@ def test_a_full_disk_under_safetensors_is_one_line_too(tmp_path, run_train, monk
                               "message: \"No space left on device\" })")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(DataError, match=r"writing checkpoint .*\.tmp_step_00000001: no space left"):
+    with pytest.raises(ConfigError, match=r"writing checkpoint .*\.tmp_step_00000001: no space left"):
         run_train(tmp_path / "run", "--max_steps", "1")
 
 
@@ -228,7 +238,7 @@ def test_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, run_train
 
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 10 ** 6))
-    with pytest.raises(DataError, match=r"writing checkpoint .*\.tmp_step_00000003: no space left on "
+    with pytest.raises(ConfigError, match=r"writing checkpoint .*\.tmp_step_00000003: no space left on "
                                         r"the device \(1 MiB free\)"):
         run_train(out, "--resume", "--max_steps", "3", "--save_every", "1")
     assert [s for s, _ in complete_checkpoints(str(out))] == [1, 2]
@@ -315,10 +325,10 @@ def test_a_missing_logger_package_is_one_clear_line(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     for name in run_dir.LOGGERS:
-        with pytest.raises(DataError, match=rf"--log_to {name}: the {name} package is not "
+        with pytest.raises(ConfigError, match=rf"--log_to {name}: the {name} package is not "
                                             rf"installed; `pip install {name}`"):
             run_dir.check_loggers([name])
-    with pytest.raises(DataError, match="--log_to mlflow: unknown"):
+    with pytest.raises(ConfigError, match="--log_to mlflow: unknown"):
         run_dir.check_loggers(["mlflow"])
 
 
@@ -407,3 +417,232 @@ def test_rehearsal_kill_fires_on_any_matching_checkpoint_and_a_run_that_outlives
     assert rehearse.stage(str(tmp_path), "train", [sys.executable, "-c", "pass"],
                           kill_when=str(tmp_path / "never" / "*")) == 1
     assert "train ended before" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing lost, nothing mixed: data provenance, damaged checkpoints, values that trace back
+
+
+def demo_copy(tmp_path):
+    """A copy of the demo data whose records and files a test may change."""
+    folder = tmp_path / "data"
+    shutil.copytree(os.path.join(ROOT, "demo", "data"), folder,
+                    ignore=shutil.ignore_patterns(".higgs_index"))
+    return folder
+
+
+def test_resume_refuses_changed_training_data_and_takes_it_with_the_flag(tmp_path, run_train,
+                                                                         kill_after_checkpoint,
+                                                                         capsys):
+    data, out = demo_copy(tmp_path), tmp_path / "run"
+    flags = ["--train_data", str(data / "train.jsonl"), "--max_steps", "8", "--save_every", "2"]
+    kill_after_checkpoint(lambda: run_train(out, *flags), step=4)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    edited = [line.replace("assistant", "assistant", 1).replace('"content": "', '"content": "Now, ', 1)
+              for line in lines[:20]]
+    (data / "train.jsonl").write_text("\n".join(edited) + "\n")
+    with pytest.raises(DataError, match=r"changed since the checkpoint .*step_00000004: "
+                                        r"20 records edited, 20 records removed; .*--accept_data_change"):
+        run_train(out, *flags, "--resume")
+    assert [s for s, _ in steps(out)] == [1, 2, 3, 4]  # nothing written
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")  # the records as they were
+    os.utime(data / "espeak_f3_00.wav")  # but an audio file touched since
+    with pytest.raises(DataError, match=": 1 audio or codes files changed"):
+        run_train(out, *flags, "--resume")
+    capsys.readouterr()
+    run_train(out, *flags, "--resume", "--accept_data_change")
+    assert "--accept_data_change: training on changed data (1 audio or codes files changed" in \
+        capsys.readouterr().out
+    assert [s for s, _ in steps(out)] == list(range(1, 9))
+
+
+def test_a_checkpoint_of_another_run_is_refused_where_a_run_lives_and_continues_in_a_new_folder(
+        tmp_path, run_train):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run_train(b, "--seed", "5", "--max_steps", "4", "--save_every", "2", "--keep_checkpoints", "10")
+    run_train(a, "--max_steps", "4", "--save_every", "2")
+    before = {p: (b / p).read_bytes() for p in ("metrics.jsonl", "config.json")}
+    with pytest.raises(ConfigError, match="a checkpoint of another run than the one in --output_dir"):
+        run_train(b, "--max_steps", "6", "--resume", str(a / "checkpoints" / "step_00000002"))
+    assert {p: (b / p).read_bytes() for p in before} == before
+    assert [s for s, _ in complete_checkpoints(str(b))] == [2, 4]
+    run_train(c, "--max_steps", "4", "--save_every", "2", "--resume",
+              str(a / "checkpoints" / "step_00000002"))
+    assert steps(c) == steps(a)[2:]  # a clean continuation: A's steps 3 and 4, nothing of B
+    assert json.load(open(c / "config.json"))["run_id"] == json.load(open(a / "config.json"))["run_id"]
+
+
+def test_resume_where_a_run_has_no_checkpoint_is_refused_naming_overwrite(tmp_path, run_train):
+    out = tmp_path / "run"
+    run_train(out, "--max_steps", "4", "--save_every", "2")
+    shutil.rmtree(out / "checkpoints")
+    metrics = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="holds a run .* but no intact checkpoint .*--overwrite"):
+        run_train(out, "--resume", "--seed", "9", "--max_steps", "3")
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+    run_train(tmp_path / "new", "--resume", "--max_steps", "1")  # an empty folder starts fresh
+
+
+def test_a_kill_while_a_checkpoint_is_deleted_never_leaves_a_complete_looking_one(tmp_path,
+                                                                                 run_train,
+                                                                                 monkeypatch):
+    out = tmp_path / "run"
+    run_train(out, "--max_steps", "4", "--save_every", "1", "--keep_checkpoints", "4")
+    real = shutil.rmtree
+
+    def dies_after_the_first_file(path, *a, **k):  # rmtree's order: the marker may go last
+        if not os.path.exists(path):
+            return
+        files = sorted(f for f in os.listdir(path) if f != run_dir.COMPLETE)
+        os.remove(os.path.join(path, files[-1]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", dies_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        RunDir(str(out)).keep_last(2)
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert [s for s, _ in complete_checkpoints(str(out))] == [2, 3, 4]
+    run_train(out, "--resume", "--max_steps", "5")
+
+
+def test_checkpoint_files_reach_the_disk_before_the_marker(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real(fd)))
+    run = RunDir(str(tmp_path))
+    run.save_checkpoint(3, lambda folder: open(os.path.join(folder, "trainer.pt"), "w").write("x"))
+    names = [os.path.basename(p) for p in synced]
+    assert names.index("trainer.pt") < names.index(run_dir.COMPLETE)
+    assert str(tmp_path / "checkpoints") in synced  # the rename into place, too
+
+
+@pytest.mark.parametrize("damage", ["trainer.pt", "adapter/adapter_model.safetensors",
+                                    "config.json"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_resume_goes_on_from_an_intact_one(
+        tmp_path, run_train, kill_after_checkpoint, capsys, damage):
+    full, out = tmp_path / "full", tmp_path / "run"
+    run_train(full, "--save_every", "2")
+    kill_after_checkpoint(lambda: run_train(out, "--save_every", "2"), step=4)
+    path = out / "checkpoints" / "step_00000004" / damage
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    capsys.readouterr()
+    run_train(out, "--resume", "--save_every", "2")
+    log = capsys.readouterr().out
+    assert f"file {path}" in log and "trying the checkpoint before it" in log
+    assert "resumed from" in log and "step_00000002 at step 2" in log
+    assert steps(out) == steps(full) and same_adapter(out, full)
+
+
+def test_weights_that_turn_non_finite_are_never_saved(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train.main(["--lr", "1e308", "--max_steps", "4", "--save_every", "1", "--device", "cpu",
+                       "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "trained tensors are not finite" in err and "not saved" in err
+    assert not os.path.exists(out / "adapter") and complete_checkpoints(str(out)) == []
+
+
+def test_damaged_adapters_are_one_line_in_every_command(tmp_path, run_train, capsys):
+    run_train(tmp_path / "run", "--model", "tiny", "--max_steps", "1")
+    adapter = tmp_path / "run" / "adapter"
+    good = {n: (adapter / n).read_bytes() for n in os.listdir(adapter)}
+    for name, content in (("adapter_model.safetensors", good["adapter_model.safetensors"][:100]),
+                          ("adapter_config.json", b"{not json")):
+        (adapter / name).write_bytes(content)
+        for command in (
+                lambda: lora.main(["merge", "--model", "tiny", "--adapter", str(adapter), "--out",
+                                   str(tmp_path / "merged")]),
+                lambda: generate.main(["--model", "tiny", "--adapter", str(adapter), "--data", EVAL,
+                                       "--count", "1", "--out_dir", str(tmp_path / "g"),
+                                       "--device", "cpu"]),
+                lambda: train.main(["--model", "tiny", "--adapter", str(adapter), "--eval_only",
+                                    "--eval_data", EVAL, "--device", "cpu", "--output_dir",
+                                    str(tmp_path / "e")])):
+            assert command() == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: adapter file {adapter / name}") and \
+                len(err.strip().splitlines()) == 1, err
+        (adapter / name).write_bytes(good[name])
+
+
+def test_merge_is_atomic_and_an_adapter_carries_its_base(tmp_path, run_train, monkeypatch, capsys):
+    run_train(tmp_path / "run", "--model", "tiny", "--seed", "3", "--max_steps", "2")
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "run" / "adapter", moved)  # out of its run folder
+    real = shutil.copy2
+
+    def full(src, dst, *a, **k):
+        raise OSError(28, "No space left on device", dst)
+
+    monkeypatch.setattr(shutil, "copy2", full)
+    merged = tmp_path / "merged"
+    assert lora.main(["merge", "--model", "tiny", "--adapter", str(moved), "--out", str(merged)]) == 2
+    assert "no space left on the device" in capsys.readouterr().err
+    assert not merged.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".merged")]
+    monkeypatch.setattr(shutil, "copy2", real)
+    assert lora.main(["merge", "--model", "tiny", "--adapter", str(moved), "--out", str(merged)]) == 0
+
+    def evaluate(*model):
+        out = tmp_path / f"eval{len(os.listdir(tmp_path))}"
+        assert train.main([*model, "--eval_only", "--eval_data", EVAL, "--device", "cpu",
+                           "--output_dir", str(out)]) == 0
+        return json.load(open(out / "eval.json"))["audio_loss"]
+
+    want = evaluate("--model", "tiny", "--adapter", str(tmp_path / "run" / "adapter"))
+    assert evaluate("--model", str(merged)) == pytest.approx(want, rel=1e-5)
+    assert evaluate("--model", "tiny", "--adapter", str(moved)) == pytest.approx(want, rel=1e-5)
+
+
+def test_disk_errors_keep_their_path_and_fix(tmp_path, run_train, monkeypatch):
+    import errno
+
+    from errors import io_error
+
+    assert "read-only file system" in str(io_error(OSError(errno.EROFS, "x"), "/p", "writing"))
+    real_open = open
+    out = tmp_path / "run"
+
+    class Full:  # a metrics file on a disk that fills up
+        def __init__(self, f):
+            self.f, self.name = f, f.name
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda p, m="r", *a, **k: Full(real_open(p, m, *a, **k))
+                        if str(p).endswith("metrics.jsonl") and m == "a" else real_open(p, m, *a, **k))
+    with pytest.raises(ConfigError, match=r"writing .*metrics.jsonl: no space left on the device .*"
+                                          r"--resume"):
+        run_train(out, "--max_steps", "2")
+
+
+def test_the_same_file_for_training_and_evaluation_keeps_both_skip_lists(tmp_path, run_train):
+    data = demo_copy(tmp_path)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(lines + ['{"messages": []}']) + "\n")
+    out = tmp_path / "run"
+    run_train(out, "--train_data", str(data / "train.jsonl"), "--eval_data",
+              str(data / "train.jsonl"), "--skip_invalid", "--max_steps", "1")
+    with open(out / "skipped_records.jsonl") as f:
+        listed = [(r["split"], r["index"]) for r in map(json.loads, f)]
+    assert listed == [("train", 40), ("eval", 40)]
+
+
+def test_a_finished_run_resumes_to_nothing_and_a_lower_step_limit_is_refused(tmp_path, run_train,
+                                                                             capsys):
+    out = tmp_path / "run"
+    run_train(out, "--max_steps", "4", "--save_every", "2", "--eval_data", EVAL)
+    metrics = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    run_train(out, "--max_steps", "4", "--save_every", "2", "--eval_data", EVAL, "--resume")
+    assert "the run finished at step 4" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+    with pytest.raises(ConfigError, match=r"--max_steps 3 is below the step of the checkpoint .* \(4\)"):
+        run_train(out, "--max_steps", "3", "--resume")

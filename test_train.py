@@ -18,7 +18,7 @@ from collate import Collator
 from data import make_sample
 from formats import load_records
 from lora import inject_lora
-from loss import Objective, voice_consistency_sums
+from loss import Objective, voice_consistency_sum, voice_count
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(ROOT, "demo", "data", "train.jsonl")
@@ -127,7 +127,7 @@ def test_logged_loss_is_the_optimised_objective(tmp_path, run_train):
     w = np.array(weights) * 8 / sum(weights)
     for r in [r for r in rows(tmp_path) if "loss" in r]:
         want = 0.5 * r["text_loss"] + 2 * np.mean(w * np.array(r["audio_loss_per_codebook"])) + \
-            0.3 * r["voice_consistency"]
+            0.3 * r["voice_loss"]
         assert r["loss"] == pytest.approx(want, rel=1e-5)
         assert abs(r["loss"] - (r["text_loss"] + r["audio_loss"])) > 1e-3
 
@@ -140,7 +140,7 @@ def test_non_finite_step_is_skipped_then_stops(tmp_path, run_train, monkeypatch,
         calls["n"] += 1
         sums = real(self, model, hidden, batch)
         if calls["n"] >= 2:
-            sums.text_sum = sums.text_sum * float("nan")
+            sums["text"] = sums["text"] * float("nan")
         return sums
 
     monkeypatch.setattr(Objective, "sums", poisoned)
@@ -166,7 +166,7 @@ def test_voice_consistency_term(tiny_ckpt):
     audio (the cloning layout: the reference is a context turn's audio-out)."""
     model, batch = demo_batch(tiny_ckpt)
     hidden = model(batch)
-    vc, n = voice_consistency_sums(hidden, batch, model.cfg.audio_stream_bos_id)
+    vc, n = voice_consistency_sum(model, hidden, batch), voice_count(batch, model.cfg)
     B, L = batch.input_ids.shape
     want = 0.0
     for b in range(B):
@@ -193,7 +193,7 @@ def test_activation_checkpointing_gives_same_gradients(tiny_ckpt):
         model.train()
         model.activation_checkpointing = ac
         s = Objective(model.cfg).sums(model, model(batch), batch)
-        (s.text_sum + s.audio_sum.sum()).backward()
+        (s["text"] + s["audio"].sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 

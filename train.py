@@ -6,7 +6,8 @@
     python train.py --model CKPT --eval_data FILE --eval_only --output_dir OUT
 
 Every field of TrainConfig is a flag of the same name (`python train.py --help` lists them with
-their units and defaults). run_dir.py says what a run writes to its output folder.
+their units and defaults). run_dir.py says what a run writes to its output folder. `train` sets a
+run up in named steps; `fit` is the training loop.
 """
 from __future__ import annotations
 
@@ -19,21 +20,23 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 import checkpoint
-from chatml import DataError
 from cli import flat, leaves, option, parse
-from collate import Collator, expanded_length
-from data import load_dataset
+from collate import Collator
+from data import Dataset, Fingerprint, Spec, open_dataset
 from device import Dist, autocast, init_distributed, local_rank, resolve_device
+from errors import ConfigError, DataError, UserError
 from formats import invalid_summary
-from generate import ListenConfig, Listener
-from lora import DEFAULT_TARGETS, count_parameters, inject_lora, load_adapter, save_adapter
-from loss import LossSums, Objective, parse_codebook_weights
-from run_dir import (RunDir, check_loggers, compare_settings, plot_metrics,
-                     restore_training_state, resume_checkpoint, save_training_state, write_skipped)
+from listen import ListenConfig, Listener
+from lora import (LoRAConfig, count_parameters, describe_lora, inject_lora, load_adapter, load_base,
+                  save_adapter)
+from loss import LossConfig, Objective, Sums
+from run_dir import (RunDir, TrainingStopped, check_loggers, compare_settings, find_resume,
+                     plot_metrics, restore_training_state, save_training_state, write_skipped)
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "data")
 GROUP_WINDOW = 64  # steps per window of length-sorted samples (--group_by_length)
@@ -49,36 +52,23 @@ class DataConfig:
     eval_data: str = option("", "evaluation data, any format, may be text-only; none: no evaluation "
                             "(the demo evaluates on demo/data/eval.jsonl)", on_resume="applied")
     max_seq_len: int = option(4096, "longest sample, in positions after audio expansion; longer "
-                              "records are invalid", min=16, on_resume="fixed")
+                              "records are invalid", min=16, max=1 << 20, on_resume="fixed")
     skip_invalid: bool = option(False, "drop invalid records (listed in OUT/skipped_records.jsonl) "
                                 "instead of stopping", on_resume="fixed")
+    accept_data_change: bool = option(False, "--resume even though the training data changed since "
+                                      "the checkpoint (the change is logged)")
     group_by_length: bool = option(True, "batch samples of similar expanded length (less padding)",
                                    on_resume="fixed")
-    num_workers: int = option(-1, "background collation processes; -1: 2 on GPU, 0 on CPU", min=-1)
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA adapter"""
-    lora_r: int = option(16, "rank of each adapter", min=1, on_resume="fixed")
-    lora_alpha: float = option(32.0, "scale: the side path is multiplied by lora_alpha / lora_r",
-                               above=0, on_resume="fixed")
-    lora_dropout: float = option(0.0, "dropout on the adapters' input; 0 lets q/k/v and gate/up "
-                                 "share one down-projection GEMM (faster)", min=0, max=0.9,
-                                 on_resume="fixed")
-    lora_targets: str = option(DEFAULT_TARGETS, "linears to adapt: groups attn, mlp (text FFN), "
-                               "audio_mlp (DualFFN audio FFN), or regexes on module names",
-                               on_resume="fixed")
-    trainable_modules: str = option("", "modules trained in full, comma-separated regexes, e.g. "
-                                    "audio_decoder_proj.audio_lm_head", on_resume="fixed")
+    num_workers: int = option(-1, "background collation processes; -1: 2 on GPU, 0 on CPU", min=-1,
+                              max=64)
 
 
 @dataclass
 class OptimConfig:
     """optimisation: AdamW (fp32 state), linear warm-up, then cosine decay"""
     max_steps: int = option(100, "optimizer steps to train", min=1, on_resume="applied")
-    batch_size: int = option(4, "samples per GPU per micro-batch", min=1, on_resume="fixed")
-    grad_accum: int = option(1, "micro-batches per optimizer step", min=1, on_resume="fixed")
+    batch_size: int = option(4, "samples per GPU per micro-batch", min=1, max=4096, on_resume="fixed")
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1, max=4096, on_resume="fixed")
     lr: float = option(3e-3, "peak learning rate", above=0, on_resume="applied")
     min_lr_ratio: float = option(0.1, "the cosine decays to lr * min_lr_ratio", min=0, max=1,
                                  on_resume="applied")
@@ -88,19 +78,6 @@ class OptimConfig:
                                   on_resume="applied")
     max_bad_steps: int = option(3, "consecutive non-finite steps (skipped) before the run stops",
                                 min=1, on_resume="applied")
-
-
-@dataclass
-class LossConfig:
-    """loss: text CE + per-codebook audio CE (+ optional voice consistency)"""
-    text_loss_weight: float = option(1.0, "weight of the text cross-entropy", min=0, on_resume="applied")
-    audio_loss_weight: float = option(1.0, "weight of the audio cross-entropy", min=0, on_resume="applied")
-    codebook_weights: str = option("", "per-codebook weights of the audio term, e.g. 4,1,1,1,1,1,1,1 "
-                                   "(scaled so equal weights give the plain mean); none: equal",
-                                   on_resume="applied")
-    voice_consistency_weight: float = option(0.0, "weight of 1 - cos(mean hidden state of the "
-                                             "reference audio, of the target audio); 0: off",
-                                             min=0, on_resume="applied")
 
 
 @dataclass
@@ -127,8 +104,10 @@ class SpeedConfig:
 class RunConfig:
     """output folder, checkpoints and logging"""
     output_dir: str = option("runs/demo", "output folder (run_dir.py lists what it holds)")
-    resume: str = option("", "continue from the newest complete checkpoint in OUT/checkpoints "
-                         "(--resume alone) or from a checkpoint folder", const="latest")
+    resume: str = option("", "continue from the newest intact checkpoint in OUT/checkpoints "
+                         "(--resume alone) or from a checkpoint folder; a checkpoint of another "
+                         "run is refused where --output_dir holds a run, and continues cleanly "
+                         "in a new folder", const="latest")
     overwrite: bool = option(False, "start fresh in an --output_dir that holds another run, "
                              "deleting its files")
     save_every: int = option(20, "checkpoint every N steps (and at the end)", min=1,
@@ -153,7 +132,7 @@ class TrainConfig:
                         "its tokenizer), a Hugging Face Hub id, or tiny (a random demo model)",
                         on_resume="fixed")
     seed: int = option(0, "seed of the LoRA init, dropout, data order (and the tiny model)",
-                       on_resume="fixed")
+                       min=0, max=2 ** 32 - 1, on_resume="fixed")
     eval_only: bool = option(False, "only evaluate --model (+ --adapter) on --eval_data, writing "
                              "OUT/eval.json")
     adapter: str = option("", "with --eval_only: an adapter folder to evaluate with the model")
@@ -176,22 +155,23 @@ class TrainConfig:
         return self.optim.batch_size * self.optim.grad_accum * world
 
     def check(self) -> None:
-        """Flags that only make sense together (bounds are checked when parsing)."""
+        """Flags that only make sense together, and regexes (bounds are checked when parsing)."""
         if self.run.eval_every and not self.eval_path():
-            raise DataError(f"--eval_every {self.run.eval_every} needs --eval_data FILE")
+            raise ConfigError(f"--eval_every {self.run.eval_every} needs --eval_data FILE")
         if self.listen.sample_data and not self.listen.sample_every:
-            raise DataError("--sample_data is read by --sample_every N; add it")
+            raise ConfigError("--sample_data is read by --sample_every N; add it")
         if self.listen.sample_every and not (self.listen.sample_data or self.eval_path()):
-            raise DataError("--sample_every needs prompts: --sample_data FILE, or --eval_data FILE "
-                            "(its first --sample_count records)")
+            raise ConfigError("--sample_every needs prompts: --sample_data FILE, or --eval_data "
+                              "FILE (its first --sample_count records)")
         if self.adapter and not self.eval_only:
-            raise DataError("--adapter is read by --eval_only (training starts a new adapter; "
-                            "continue a run with --resume)")
+            raise ConfigError("--adapter is read by --eval_only (training starts a new adapter; "
+                              "continue a run with --resume)")
         if self.eval_only and not self.eval_path():
-            raise DataError("--eval_only needs --eval_data FILE")
+            raise ConfigError("--eval_only needs --eval_data FILE")
         if self.run.resume and self.run.overwrite:
-            raise DataError("--resume continues the run in --output_dir and --overwrite deletes "
-                            "it; give one of them")
+            raise ConfigError("--resume continues the run in --output_dir and --overwrite deletes "
+                              "it; give one of them")
+        self.lora.check()
         check_loggers(self.run.loggers())
 
 
@@ -199,60 +179,79 @@ class TrainConfig:
 # Data
 
 
-def load_samples(path: str, tokenizer, model_cfg, cfg: TrainConfig, training: bool = True,
-                 main: bool = True) -> list:
-    """Samples of a data file or folder, validated as `python data.py check` does: an invalid
-    record stops the run with every reason listed, or with --skip_invalid is dropped and listed
-    in OUT/skipped_records.jsonl. Training data must have trained assistant audio."""
-    samples, invalid = load_dataset(path, tokenizer, model_cfg, cfg.data.max_seq_len,
-                                    require_audio=training)
-    if invalid and not cfg.data.skip_invalid:
-        raise DataError(invalid_summary(path, invalid, len(samples) + len(invalid)) +
-                        "\nfix them (`python data.py check` reports them all), or pass "
-                        "--skip_invalid to train without them")
-    if invalid and main:  # rank 0 writes the list
-        write_skipped(cfg.run.output_dir, path, invalid)
-    if not samples:
-        raise DataError(f"{path}: no valid records")
-    return samples
+def load_data(path: str, tokenizer, model_cfg, cfg: TrainConfig, d: Dist = Dist(),
+              split: str = "train") -> Dataset:
+    """The validated samples of a data file or folder, as `python data.py check` validates them:
+    an invalid record stops the run with every reason listed, or with --skip_invalid is dropped
+    and listed in OUT/skipped_records.jsonl. Training data must have trained assistant audio.
+    Rank 0 validates (or reuses the index) first; a failure stops every rank with its message."""
+    spec = Spec(model_cfg, tokenizer, cfg.data.max_seq_len, require_audio=split == "train")
+    shared = [None, None]  # rank 0's error, or its index folder and fingerprint
+    if d.main:
+        try:
+            dataset = open_dataset(path, spec)
+            if dataset.invalid and not cfg.data.skip_invalid:
+                raise DataError(invalid_summary(path, dataset.invalid, len(dataset.hashes)) +
+                                "\nfix them (`python data.py check` reports them all), or pass "
+                                "--skip_invalid to train without them")
+            if dataset.invalid:
+                write_skipped(cfg.run.output_dir, path, split, dataset.invalid)
+            if not len(dataset):
+                raise DataError(f"{path}: no valid records")
+            shared = [None, (dataset.folder, dataset.meta["media"])]
+        except UserError as e:
+            shared = [str(e), None]
+    if d.world > 1:
+        dist.broadcast_object_list(shared)
+    if shared[0] is not None:
+        raise DataError(shared[0])
+    if d.main:
+        return dataset
+    folder, media = shared[1]  # the same index, if this rank sees rank 0's disk
+    same = os.path.isfile(os.path.join(folder, "meta.json")) and Dataset(folder, spec).meta["media"] == media
+    return Dataset(folder, spec) if same else open_dataset(path, spec, log=lambda _: None)
 
 
 def step_indices(n: int, global_batch: int, seed: int, epoch: int,
-                 lengths: list[int] | None = None) -> list[list[int]]:
+                 lengths=None) -> list[list[int]]:
     """The sample indices of each global step of an epoch (the incomplete tail is dropped).
     With `lengths`, samples are sorted by expanded length within windows of GROUP_WINDOW steps
     and the steps are then shuffled: batches of similar length waste little padding."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
+    perm = torch.randperm(n, generator=g).numpy()
     if lengths is not None:
-        window = global_batch * GROUP_WINDOW
-        perm = [i for w in range(0, n, window)
-                for i in sorted(perm[w:w + window], key=lengths.__getitem__)]
-    steps = [perm[i:i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
+        window, lengths = global_batch * GROUP_WINDOW, np.asarray(lengths)
+        perm = np.concatenate([w[np.argsort(lengths[w], kind="stable")]
+                               for w in np.split(perm, range(window, n, window))])
+    steps = [perm[i:i + global_batch].tolist() for i in range(0, n - global_batch + 1, global_batch)]
     if lengths is not None:
         steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
     return steps
 
 
-def micro_batches(step: list[int], d: Dist, batch_size: int) -> list[list[int]]:
-    """This rank's micro-batches of a global step: rank-contiguous slices, batch_size each."""
-    mine = step[d.rank * len(step) // d.world:(d.rank + 1) * len(step) // d.world]
+def micro_batches(step: list[int], d: Dist, batch_size: int, lengths=None) -> list[list[int]]:
+    """This rank's micro-batches of a global step. Sorted by length and dealt out in turn, each
+    rank gets a like share of the tokens (none waits for another), and each micro-batch samples
+    of like length (little padding)."""
+    if lengths is not None:
+        step = sorted(step, key=lambda i: lengths[i])
+    mine = step[d.rank::d.world]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def step_batches(samples, collator, cfg: TrainConfig, d: Dist, epoch: int, start: int, pin: bool):
+def step_batches(dataset: Dataset, collator, cfg: TrainConfig, d: Dist, epoch: int, start: int,
+                 pin: bool):
     """(epoch, steps done in that epoch, this rank's collated micro-batches) for every step from
-    step `start` of `epoch` on, epoch after epoch; background processes collate ahead."""
+    step `start` of `epoch` on, epoch after epoch; background processes read and collate ahead."""
     from torch.utils.data import DataLoader
 
-    global_batch = cfg.global_batch(d.world)
-    lengths = [expanded_length(s, collator.cfg) for s in samples] if cfg.data.group_by_length else None
+    lengths = np.asarray(dataset.lengths) if cfg.data.group_by_length else None
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else (2 if pin else 0)
     while True:
-        jobs = [[[samples[i] for i in mb] for mb in micro_batches(s, d, cfg.optim.batch_size)]
-                for s in step_indices(len(samples), global_batch, cfg.seed, epoch, lengths)[start:]]
+        jobs = [micro_batches(s, d, cfg.optim.batch_size, lengths) for s in step_indices(
+            len(dataset), cfg.global_batch(d.world), cfg.seed, epoch, lengths)[start:]]
         loader = DataLoader(jobs, batch_size=None, num_workers=workers, pin_memory=pin,
-                            collate_fn=partial(collate_all, collator),
+                            collate_fn=partial(collate_step, collator, dataset),
                             prefetch_factor=4 if workers else None,
                             # its own generator: creating the iterator must not draw from the
                             # global RNG (dropout), or a resumed run would diverge
@@ -262,12 +261,12 @@ def step_batches(samples, collator, cfg: TrainConfig, d: Dist, epoch: int, start
         epoch, start = epoch + 1, 0
 
 
-def collate_all(collator, job: list) -> list:
-    return [collator(mb) for mb in job]
+def collate_step(collator, dataset, job: list[list[int]]) -> list:
+    return [collator([dataset[i] for i in mb]) for mb in job]
 
 
 # ----------------------------------------------------------------------------------------------
-# Model, optimizer and one step
+# Model and optimizer
 
 
 class TrainingForward(torch.nn.Module):
@@ -278,7 +277,7 @@ class TrainingForward(torch.nn.Module):
         super().__init__()
         self.model, self.objective = model, objective
 
-    def forward(self, batch) -> LossSums:
+    def forward(self, batch):
         return self.objective.sums(self.model, self.model(batch), batch)
 
 
@@ -287,33 +286,29 @@ def data_parallel(model, objective: Objective, device, world: int) -> torch.nn.M
     module = TrainingForward(model, objective)
     if world == 1:
         return module
-    # every adapter takes part in every forward (model.DecoderLayer runs the audio FFN on no rows
-    # when a micro-batch has no audio), so DDP skips its per-step search for unused parameters;
-    # a trained Whisper tower only runs on batches with user audio, and needs the search. The
-    # buffers (RoPE frequencies) never change: no broadcast of them before each forward. 100 MB
-    # buckets: 7 all-reduces for the 631 MB of r=64 gradients. (static_graph=True was faster
-    # still, but its gradients part from one process's: test_train's gloo run fails with it.)
+    # every adapter is in every forward (the audio FFN runs even on no rows), so no search for
+    # unused parameters, except for a trained Whisper tower, which only some batches use
     tower = any(p.requires_grad for n, p in model.named_parameters()
                 if n.startswith(("audio_tower.", "audio_encoder_proj.")))
-    # Dynamo would split each compiled layer at DDP's bucket edges, and that split fails on a
-    # layer compiled for dynamic shapes once a layer's gradients pass the 1 MB first bucket (the
-    # released shape). Layers are compiled one by one, so each layer's gradients reach DDP as its
-    # backward ends and the all-reduce overlaps the layers below without the split.
+    # layers are compiled one by one; Dynamo's split at bucket edges fails on dynamic shapes
     torch._dynamo.config.optimize_ddp = False
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=tower, broadcast_buffers=False,
+        find_unused_parameters=tower, broadcast_buffers=False,  # RoPE buffers never change
         bucket_cap_mb=100, gradient_as_bucket_view=True)
 
 
-def add_lora(model, cfg: TrainConfig) -> list:
+def add_lora(model, cfg: TrainConfig, log) -> list:
     """Inject the adapters (the same init on every rank), compile if asked; trainable params."""
     torch.manual_seed(cfg.seed)
     c = cfg.lora
     inject_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets, c.trainable_modules)
+    log(describe_lora(model))
     model.activation_checkpointing = cfg.speed.activation_checkpointing
     if cfg.speed.compile:
         model.compile_layers(cfg.speed.compile_memory_budget, cpp_wrapper=cfg.speed.compile_cpp_wrapper)
+    trainable, total = count_parameters(model)
+    log(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -325,15 +320,10 @@ def lr_factor(step: int, c: OptimConfig) -> float:
     return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def settings(cfg: TrainConfig, d: Dist) -> dict:
-    """config.json: every flag, and the world size (part of the batch layout)."""
-    return dict(flat(cfg), world_size=d.world)
-
-
-def make_optimizer(params: list, cfg: TrainConfig, device):
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+def make_optimizer(params: list, c: OptimConfig, device):
+    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay,
                                   fused=device.type == "cuda")
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, c=cfg.optim))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, c=c))
 
 
 def apply_optim_settings(optimizer, scheduler, c: OptimConfig) -> None:
@@ -343,26 +333,6 @@ def apply_optim_settings(optimizer, scheduler, c: OptimConfig) -> None:
     for group in optimizer.param_groups:
         group.update(weight_decay=c.weight_decay, initial_lr=c.lr,
                      lr=c.lr * lr_factor(scheduler.last_epoch, c))
-
-
-def forward_backward(module, objective: Objective, cpu_batches: list, d: Dist, device,
-                     amp) -> LossSums:
-    """Forward and backward over this rank's micro-batches, each micro-batch's loss divided by the
-    step's global token counts, so the gradient does not depend on how the step is split.
-    Returns this rank's loss sums (the backward may still be running on the GPU)."""
-    counts = sum((objective.counts(b) for b in cpu_batches[1:]), objective.counts(cpu_batches[0]))
-    counts = counts.to(device)
-    if d.world > 1:
-        counts = counts.all_reduced()
-    sums = None
-    for i, batch in enumerate(b.to(device) for b in cpu_batches):
-        last = i == len(cpu_batches) - 1
-        with (nullcontext() if last or d.world == 1 else module.no_sync()), amp():
-            s = module(batch)
-            # DDP averages gradients over ranks; the objective is their sum
-            (objective.loss(s, counts) * d.world).backward()
-        sums = s.detach() if sums is None else sums + s.detach()
-    return sums
 
 
 def step_flops(model, batch) -> float:
@@ -385,28 +355,34 @@ def step_flops(model, batch) -> float:
     return 4 * frozen + 6 * lora + scores
 
 
-@torch.no_grad()
-def evaluate(model, samples: list, collator: Collator, batch_size: int, device, d: Dist = Dist(),
-             amp=nullcontext) -> dict:
-    """Token-weighted losses over all samples, sharded over ranks and all-reduced: the same for
-    any batch size or world size."""
-    was_training = model.training
-    model.eval()
-    objective = Objective(model.cfg)
-    total = LossSums.zeros(model.cfg.audio_num_codebooks, device)
-    mine = samples[d.rank::d.world]
-    for start in range(0, len(mine), batch_size):
-        batch = collator(mine[start:start + batch_size]).to(device)
-        with amp():
-            total = total + objective.sums(model, model(batch), batch)
-    if d.world > 1:
-        total = total.all_reduced()
-    model.train(was_training)
-    return objective.metrics(total)
-
-
 # ----------------------------------------------------------------------------------------------
-# Training
+# Set-up: named steps, each returning what it makes
+
+
+@dataclass
+class Training:
+    """What `train` sets up and `fit` runs."""
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    amp: object  # the autocast context of a forward
+    run: RunDir
+    settings: dict  # config.json: every flag, the world size and the run id
+    objective: Objective
+    train_data: Dataset
+    eval_data: Dataset | None
+    collator: Collator
+    listener: Listener | None
+    model: torch.nn.Module
+    module: torch.nn.Module  # model + objective, under DDP with several ranks
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    position: dict  # step, epoch, step_in_epoch
+    log: object
+
+    def due(self, every: int, step: int) -> bool:
+        return bool(every) and step % every == 0
 
 
 @contextmanager
@@ -422,185 +398,241 @@ def started(cfg: TrainConfig):
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig) -> dict:
-    with started(cfg) as (d, device, dtype):
-        run = RunDir(cfg.run.output_dir, d.main)
-        try:
-            run.claim(resume=bool(cfg.run.resume), overwrite=cfg.run.overwrite)
-            return Trainer(cfg, d, device, dtype, run).fit()
-        finally:
-            run.release()
+def train(cfg: TrainConfig, base=None) -> dict:
+    """A training run: set up in named steps, then the loop; `base`: the base model, if not
+    loaded from --model (bench.py times a random one)."""
+    with started(cfg) as (d, device, dtype), RunDir(cfg.run.output_dir, d.main) as run:
+        # no reference to the set-up outlives fit: DDP must go before its process group
+        return fit(setup(cfg, d, device, dtype, run, base))
 
 
-class Trainer:
-    """One training run, set up in named steps; `fit` is the loop."""
+def setup(cfg: TrainConfig, d: Dist, device, dtype, run: RunDir, base=None) -> Training | None:
+    """Everything a run needs, data checked before any weights are read; None if the run being
+    resumed has already finished."""
+    log = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
+    run.claim(resume=bool(cfg.run.resume), overwrite=cfg.run.overwrite)
+    tokenizer, model_cfg = checkpoint.model_spec(cfg.model)
+    objective = Objective(model_cfg, cfg.loss)
+    ckpt = resume_point(cfg, run, d, log)
+    if ckpt and ckpt.trainer["position"]["step"] == cfg.optim.max_steps and \
+            run.finished_at(cfg.optim.max_steps):
+        log(f"the run finished at step {cfg.optim.max_steps} (its adapter is in "
+            f"{os.path.join(run.path, 'adapter')}); raise --max_steps to train on")
+        return None
+    settings = dict(flat(cfg), world_size=d.world,
+                    run_id=ckpt.settings.get("run_id") if ckpt else RunDir.new_run_id())
+    if ckpt:
+        kinds = {f.name: f.metadata.get("on_resume") for _, f, _ in leaves(TrainConfig)}
+        compare_settings(ckpt, settings, dict(kinds, world_size="fixed"), log)
+    train_data = load_data(cfg.data.train_data, tokenizer, model_cfg, cfg, d)
+    if ckpt:
+        check_data_unchanged(ckpt, train_data.fingerprint, cfg, log)
+    eval_path = cfg.eval_path()
+    eval_data = load_data(eval_path, tokenizer, model_cfg, cfg, d, "eval") if eval_path else None
+    check_batch_fits(train_data, cfg, d)
+    listener = Listener(cfg.listen, cfg.listen.sample_data or eval_path, tokenizer, model_cfg,
+                        cfg.seed, device, d.main) if cfg.listen.sample_every else None
+    model = base or checkpoint.load(cfg.model, device, dtype, cfg.seed)
+    params = add_lora(model, cfg, log)
+    model.train()
+    torch.manual_seed(cfg.seed * 1000 + d.rank + 1)  # distinct dropout masks per rank
+    module = data_parallel(model, objective, device, d.world)
+    optimizer, scheduler = make_optimizer(params, cfg.optim, device)
+    position = dict(step=0, epoch=0, step_in_epoch=0)
+    if ckpt:
+        position = restore_training_state(ckpt, model, optimizer, scheduler, d.rank)
+        apply_optim_settings(optimizer, scheduler, cfg.optim)
+        log(f"resumed from {ckpt.folder} at step {position['step']}")
+    run.start(settings, position["step"], cfg.run.loggers(), resumed=bool(ckpt), log=log)
+    return Training(cfg, d, device, partial(autocast, device, dtype), run, settings, objective,
+                    train_data, eval_data, Collator(model_cfg), listener, model, module, params,
+                    optimizer, scheduler, position, log)
 
-    def __init__(self, cfg: TrainConfig, d: Dist, device, dtype, run: RunDir):
-        self.cfg, self.d, self.device, self.run = cfg, d, device, run
-        self.log = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
-        self.amp = partial(autocast, device, dtype)
-        self.peak_tflops = cfg.speed.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda"
-                                                     else 0.0)
-        self.load_data()
-        self.model = checkpoint.load(cfg.model, device, dtype, cfg.seed)
-        self.params = add_lora(self.model, cfg)
-        trainable, total = count_parameters(self.model)
-        self.log(f"model: {total:,} parameters, {trainable:,} trainable "
-                 f"({100 * trainable / total:.2f}%)")
-        self.model.train()
-        torch.manual_seed(cfg.seed * 1000 + d.rank + 1)  # distinct dropout masks per rank
-        self.module = data_parallel(self.model, self.objective, device, d.world)
-        self.optimizer, self.scheduler = make_optimizer(self.params, cfg, device)
-        self.position = dict(step=0, epoch=0, step_in_epoch=0)
-        if self.resume_from:
-            self.position = restore_training_state(self.resume_from, self.model, self.optimizer,
-                                                   self.scheduler, d.rank)
-            apply_optim_settings(self.optimizer, self.scheduler, cfg.optim)
-            self.log(f"resumed from {self.resume_from} at step {self.position['step']}")
-        if d.main:
-            run.write_config(self.settings)
-        if self.resume_from:
-            run.cut_back(self.position["step"], self.log)
-        run.open_metrics(self.position["step"], cfg.run.loggers(), self.settings)
 
-    def load_data(self) -> None:
-        """Settings, data and prompts, all checked before any weights are read."""
-        cfg, d = self.cfg, self.d
-        tokenizer, model_cfg = checkpoint.model_spec(cfg.model)
-        c = cfg.loss
-        self.objective = Objective(model_cfg, c.text_loss_weight, c.audio_loss_weight,
-                                   parse_codebook_weights(c.codebook_weights,
-                                                          model_cfg.audio_num_codebooks),
-                                   c.voice_consistency_weight)
-        self.settings = settings(cfg, d)
-        # rank 0 decides, so every rank resumes from the same step (--output_dir is shared)
-        found = [resume_checkpoint(cfg.run.resume, cfg.run.output_dir) if d.main else None]
-        if d.world > 1:
-            dist.broadcast_object_list(found)
-        self.resume_from = found[0]
-        if self.resume_from:
-            kinds = {f.name: f.metadata.get("on_resume") for _, f, _ in leaves(TrainConfig)}
-            compare_settings(self.resume_from, self.settings, dict(kinds, world_size="fixed"),
-                             self.log)
-        elif cfg.run.resume:
-            self.log("--resume: no complete checkpoint found, starting fresh")
-        self.train_samples = load_samples(cfg.data.train_data, tokenizer, model_cfg, cfg,
-                                          main=d.main)
-        eval_path = cfg.eval_path()
-        self.eval_samples = load_samples(eval_path, tokenizer, model_cfg, cfg, training=False,
-                                         main=d.main) \
-            if eval_path else []
-        global_batch = cfg.global_batch(d.world)
-        if len(self.train_samples) < global_batch:
-            raise DataError(f"{cfg.data.train_data}: {len(self.train_samples)} records, fewer than "
-                            f"one global batch (--batch_size {cfg.optim.batch_size} x --grad_accum "
-                            f"{cfg.optim.grad_accum} x {d.world} GPUs)")
-        # every rank reads the prompts (bad data stops them all); rank 0 alone listens
-        self.listener = Listener.for_training(cfg.listen, cfg.listen.sample_data or eval_path,
-                                              tokenizer, model_cfg, cfg.seed, self.device, d.main) \
-            if cfg.listen.sample_every else None
-        self.collator = Collator(model_cfg)
+def resume_point(cfg: TrainConfig, run: RunDir, d: Dist, log):
+    """The checkpoint this run continues from (None: a fresh run). Rank 0 decides, so that every
+    rank resumes from the same step (--output_dir is shared); every rank then reads it."""
+    ckpt, folder = None, [None]
+    if d.main:
+        ckpt = find_resume(cfg.run.resume, run, log)
+        folder = [ckpt.folder if ckpt else None]
+    if d.world > 1:
+        dist.broadcast_object_list(folder)
+    if not d.main and folder[0]:
+        ckpt = find_resume(folder[0], run, log)
+    if ckpt and ckpt.trainer["position"]["step"] > cfg.optim.max_steps:
+        raise ConfigError(f"--max_steps {cfg.optim.max_steps} is below the step of the checkpoint "
+                          f"{ckpt.folder} ({ckpt.trainer['position']['step']}); give a larger "
+                          "--max_steps, or --resume an earlier checkpoint folder")
+    return ckpt
 
-    def fit(self) -> dict:
-        cfg, pos = self.cfg, self.position
-        batches = step_batches(self.train_samples, self.collator, cfg, self.d, pos["epoch"],
-                               pos["step_in_epoch"], pin=self.device.type == "cuda")
-        step, self.bad_steps, started, row = pos["step"], 0, time.time(), {}
-        while step < cfg.optim.max_steps:
-            epoch, in_epoch, cpu_batches = next(batches)
-            row = dict(step=step + 1, epoch=epoch, **self.step(cpu_batches), time=time.time())
-            step += 1
-            self.run.log(row)
-            if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
-                eta = (time.time() - started) / (step - pos["step"]) * (cfg.optim.max_steps - step)
-                self.log(progress_line(row, cfg.optim.max_steps, eta))
-            self.side_work(step, dict(step=step, epoch=epoch, step_in_epoch=in_epoch))
-        if self.eval_samples:
-            row.update({f"eval_{k}": v for k, v in self.evaluate(step, "final eval").items()})
-        if self.d.main:
-            save_adapter(self.model, os.path.join(self.run.path, "adapter"), base_model=cfg.model)
-            plot_metrics(self.run.path)
-            self.log(f"adapter written to {os.path.join(self.run.path, 'adapter')}")
-        return row
 
-    def step(self, cpu_batches: list) -> dict:
-        """One optimizer step; a non-finite loss or gradient skips the update on every rank."""
-        t0, cfg = time.time(), self.cfg
-        sums = forward_backward(self.module, self.objective, cpu_batches, self.d, self.device,
-                                self.amp)
-        flops = sum(step_flops(self.model, b) for b in cpu_batches)  # while the GPU runs
-        positions = sum(float(b.attention_mask.sum()) for b in cpu_batches) * self.d.world
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
-        metrics = self.objective.metrics(sums.all_reduced() if self.d.world > 1 else sums)
-        # the grad norm is of all-reduced gradients: every rank takes the same branch
-        if math.isfinite(metrics["loss"]) and bool(torch.isfinite(grad_norm)):
-            self.optimizer.step()
-            self.bad_steps = 0
+def check_data_unchanged(ckpt, now: Fingerprint, cfg: TrainConfig, log) -> None:
+    """The training data must be what the checkpoint trained on, unless --accept_data_change."""
+    data = ckpt.trainer.get("data")
+    if data is None:  # a checkpoint of an earlier version
+        return
+    change = now.change_from(Fingerprint(**data))
+    if change and not cfg.data.accept_data_change:
+        raise DataError(f"--train_data {cfg.data.train_data} changed since the checkpoint "
+                        f"{ckpt.folder}: {change}; restore it to resume exactly, or pass "
+                        "--accept_data_change to go on with the new data (the order of the "
+                        "remaining steps changes)")
+    if change:
+        log(f"resume: --accept_data_change: training on changed data ({change})")
+
+
+def check_batch_fits(train_data: Dataset, cfg: TrainConfig, d: Dist) -> None:
+    if len(train_data) < cfg.global_batch(d.world):
+        raise ConfigError(f"{cfg.data.train_data}: {len(train_data)} records, fewer than one global "
+                          f"batch (--batch_size {cfg.optim.batch_size} x --grad_accum "
+                          f"{cfg.optim.grad_accum} x {d.world} GPUs)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def fit(t: Training | None) -> dict:
+    """Train from t.position to --max_steps: one optimizer step per iteration (None: nothing to
+    train)."""
+    if t is None:
+        return {}
+    cfg, d, c = t.cfg, t.d, t.cfg.optim
+    batches = step_batches(t.train_data, t.collator, cfg, d, t.position["epoch"],
+                           t.position["step_in_epoch"], pin=t.device.type == "cuda")
+    step, bad_steps, started, row = t.position["step"], 0, time.time(), {}
+    while step < c.max_steps:
+        t0 = time.time()
+        epoch, in_epoch, micro = next(batches)  # this rank's micro-batches of the step
+        # each micro-batch's loss is divided by the whole step's counts (all micro-batches, all
+        # ranks), so the gradient does not depend on how the step is split
+        counts = sum((t.objective.counts(b) for b in micro[1:]), t.objective.counts(micro[0]))
+        counts = counts.to(t.device).all_reduced() if d.world > 1 else counts.to(t.device)
+        sums = None
+        for i, batch in enumerate(b.to(t.device) for b in micro):
+            last = i == len(micro) - 1  # DDP all-reduces the gradients in the last backward
+            with (nullcontext() if last or d.world == 1 else t.module.no_sync()), t.amp():
+                s = t.module(batch)
+                # DDP averages the ranks' gradients, but the objective is their sum: * world
+                loss = t.objective.loss(s, counts) * d.world
+            loss.backward()
+            sums = s.detach() if sums is None else sums + s.detach()
+        flops = sum(step_flops(t.model, b) for b in micro)  # on the host, while the GPU works
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, c.max_grad_norm))
+        metrics = t.objective.metrics(sums.all_reduced() if d.world > 1 else sums)
+        # loss and gradient norm are all-reduced: every rank takes the same branch
+        if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
+            t.optimizer.step()
+            bad_steps = 0
         else:
-            self.bad_steps += 1
-            self.log(f"step {self.scheduler.last_epoch + 1}: non-finite loss or gradient (loss "
-                     f"{metrics['loss']}, grad norm {float(grad_norm)}); step skipped "
-                     f"({self.bad_steps}/{cfg.optim.max_bad_steps}). Lower --lr or check the data.")
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]  # the one this step used
-        self.scheduler.step()
-        if self.bad_steps >= cfg.optim.max_bad_steps:
-            raise SystemExit(f"stopping: {self.bad_steps} consecutive non-finite steps")
-        return dict(metrics, lr=lr, grad_norm=float(grad_norm),
-                    **speed(time.time() - t0, positions, metrics, flops, self.peak_tflops,
-                            self.device))
-
-    def side_work(self, step: int, position: dict) -> None:
-        """Evaluation, listening and checkpoints, each when due."""
-        cfg, last = self.cfg, step == self.cfg.optim.max_steps
-        if self.eval_samples and cfg.run.eval_every and step % cfg.run.eval_every == 0 and not last:
-            self.evaluate(step)
-        if self.listener and (step % self.listener.every == 0 or last):
-            if self.d.main:
-                for row in self.listener(self.model, step, self.run.path):
-                    self.run.log(row)
-            if self.d.world > 1:  # the other ranks wait for rank 0's samples
-                dist.barrier()
-        if step % cfg.run.save_every == 0 or last:
-            t0 = time.time()
-            folder = save_training_state(self.run, self.d, position, self.model, self.optimizer,
-                                         self.scheduler, self.settings)
-            if folder:
-                size = sum(os.path.getsize(os.path.join(root, f))
-                           for root, _, files in os.walk(folder) for f in files)
-                self.run.log(dict(step=step, checkpoint_seconds=time.time() - t0,
-                                  checkpoint_mib=size / 2 ** 20))
-                self.run.keep_last(cfg.run.keep_checkpoints)
-
-    def evaluate(self, step: int, what: str = "eval") -> dict:
-        ev = evaluate(self.model, self.eval_samples, self.collator, self.cfg.optim.batch_size,
-                      self.device, self.d, self.amp)
-        self.run.log(dict(step=step, **{f"eval_{k}": v for k, v in ev.items()}))
-        self.log(f"{what} step {step}: text {ev['text_loss']:.4f} audio {ev['audio_loss']:.4f}")
-        return ev
+            bad_steps += 1
+            t.log(f"step {step + 1}: non-finite loss or gradient (loss {metrics['loss']}, grad "
+                  f"norm {grad_norm}); step skipped ({bad_steps}/{c.max_bad_steps}). Lower --lr or "
+                  "check the data.")
+        t.optimizer.zero_grad(set_to_none=True)
+        lr = t.optimizer.param_groups[0]["lr"]  # the one this step used
+        t.scheduler.step()
+        if bad_steps >= c.max_bad_steps:
+            raise SystemExit(f"stopping: {bad_steps} consecutive non-finite steps")
+        step += 1
+        row = dict(step=step, epoch=epoch, **metrics, lr=lr, grad_norm=grad_norm,
+                   **speed(time.time() - t0, micro, metrics, flops, t), time=time.time())
+        t.run.log(row)
+        if step % cfg.run.log_every == 0 or step == c.max_steps:
+            eta = (time.time() - started) / (step - t.position["step"]) * (c.max_steps - step)
+            t.log(progress_line(row, c.max_steps, eta))
+        last = step == c.max_steps
+        if t.eval_data and t.due(cfg.run.eval_every, step) and not last:
+            evaluate_and_log(t, step)
+        if t.listener and (t.due(t.listener.every, step) or last):
+            listen(t, step)
+        if t.due(cfg.run.save_every, step) or last:
+            checkpoint_state(t, dict(step=step, epoch=epoch, step_in_epoch=in_epoch))
+    if t.eval_data:
+        row.update({f"eval_{k}": v for k, v in evaluate_and_log(t, step, "final eval").items()})
+    if t.d.main:
+        save_adapter(t.model, os.path.join(t.run.path, "adapter"), cfg.model, cfg.seed)
+        t.run.log(dict(step=step, finished=True))
+        plot_metrics(t.run.path)
+        t.log(f"adapter written to {os.path.join(t.run.path, 'adapter')}")
+    return row
 
 
-def speed(seconds: float, positions: float, metrics: dict, flops: float, peak_tflops: float,
-          device) -> dict:
-    """Throughput figures of a step (positions: rank 0's times the number of ranks; flops and
-    peak: one rank's, as MFU is the same on every rank)."""
+def speed(seconds: float, micro: list, metrics: dict, flops: float, t: Training) -> dict:
+    """Throughput figures of a step (positions: rank 0's times the number of ranks; flops: one
+    rank's, as MFU is the same on every rank), and rank 0's padded lengths and padding."""
+    peak = t.cfg.speed.peak_tflops or (H100_BF16_TFLOPS if t.device.type == "cuda" else 0.0)
     frames = metrics["num_audio_tokens_per_codebook"][0]
-    return dict(step_seconds=seconds, positions_per_s=positions / seconds,
+    positions = sum(float(b.attention_mask.sum()) for b in micro)
+    return dict(step_seconds=seconds, positions_per_s=positions * t.d.world / seconds,
+                padding=1 - positions / sum(b.attention_mask.numel() for b in micro),
+                batch_lengths=[b.attention_mask.shape[1] for b in micro],
                 audio_seconds_per_s=frames / 25 / seconds,
-                mfu=flops / seconds / (peak_tflops * 1e12) if peak_tflops else None,
-                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30
-                if device.type == "cuda" else None)
+                mfu=flops / seconds / (peak * 1e12) if peak else None,
+                peak_memory_gib=torch.cuda.max_memory_allocated(t.device) / 2 ** 30
+                if t.device.type == "cuda" else None)
 
 
 def progress_line(m: dict, max_steps: int, eta: float) -> str:
     per_cb = " ".join(f"{x:.2f}" for x in m["audio_loss_per_codebook"])
     extra = "".join(f" {name} {fmt(m[key])}" for name, key, fmt in (
-        ("voice", "voice_consistency", "{:.4f}".format), ("mfu", "mfu", "{:.1%}".format),
+        ("voice", "voice_loss", "{:.4f}".format), ("mfu", "mfu", "{:.1%}".format),
         ("mem", "peak_memory_gib", "{:.1f}GiB".format)) if m.get(key) is not None)
     return (f"step {m['step']}/{max_steps} loss {m['loss']:.4f} text {m['text_loss']:.4f} audio "
             f"{m['audio_loss']:.4f} [{per_cb}] lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
             f"{m['positions_per_s']:.0f} pos/s {m['audio_seconds_per_s']:.1f} audio-s/s{extra} "
             f"eta {eta:.0f}s")
+
+
+def evaluate_and_log(t: Training, step: int, what: str = "eval") -> dict:
+    ev = evaluate(t.model, t.eval_data, t.collator, t.cfg.optim.batch_size, t.device, t.d, t.amp)
+    t.run.log(dict(step=step, **{f"eval_{k}": v for k, v in ev.items()}))
+    t.log(f"{what} step {step}: text {ev['text_loss']:.4f} audio {ev['audio_loss']:.4f}")
+    return ev
+
+
+def listen(t: Training, step: int) -> None:
+    """Rank 0 generates and checks samples; the other ranks wait for it."""
+    if t.d.main:
+        for row in t.listener(t.model, step, t.run.path):
+            t.run.log(row)
+    if t.d.world > 1:
+        dist.barrier()
+
+
+def checkpoint_state(t: Training, position: dict) -> None:
+    started = time.time()
+    folder = save_training_state(t.run, t.d, position, t.model, t.optimizer, t.scheduler,
+                                 t.settings, t.train_data.fingerprint.state())
+    if folder:
+        size = sum(os.path.getsize(os.path.join(root, f))
+                   for root, _, files in os.walk(folder) for f in files)
+        t.run.log(dict(step=position["step"], checkpoint_seconds=time.time() - started,
+                       checkpoint_mib=size / 2 ** 20))
+        t.run.keep_last(t.cfg.run.keep_checkpoints)
+
+
+@torch.no_grad()
+def evaluate(model, samples, collator: Collator, batch_size: int, device, d: Dist = Dist(),
+             amp=nullcontext) -> dict:
+    """Token-weighted losses over all samples, sharded over ranks and all-reduced: the same for
+    any batch size or world size."""
+    was_training = model.training
+    model.eval()
+    objective, total = Objective(model.cfg), None
+    mine = list(range(d.rank, len(samples), d.world))
+    for start in range(0, len(mine), batch_size):
+        batch = collator([samples[i] for i in mine[start:start + batch_size]]).to(device)
+        with amp():
+            s = objective.sums(model, model(batch), batch)
+        total = s if total is None else total + s
+    if total is None:  # a rank with no samples still joins the all-reduce, with zeros
+        total = Sums({k: 0 * v for k, v in objective.counts(collator([samples[0]])).to(device).items()})
+    if d.world > 1:
+        total = total.all_reduced()
+    model.train(was_training)
+    return objective.metrics(total)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,9 +642,9 @@ def progress_line(m: dict, max_steps: int, eta: float) -> str:
 def evaluate_only(cfg: TrainConfig) -> dict:
     with started(cfg) as (d, device, dtype):
         tokenizer, model_cfg = checkpoint.model_spec(cfg.model)  # data is validated before the GPU
-        samples = load_samples(cfg.eval_path(), tokenizer, model_cfg, cfg, training=False,
-                               main=d.main)
-        model = checkpoint.load(cfg.model, device, dtype, cfg.seed)
+        samples = load_data(cfg.eval_path(), tokenizer, model_cfg, cfg, d, "eval")
+        model = load_base(cfg.model, cfg.adapter, device, dtype) if cfg.adapter else \
+            checkpoint.load(cfg.model, device, dtype, cfg.seed)
         if cfg.adapter:
             load_adapter(model, cfg.adapter)
         t0 = time.time()
@@ -631,7 +663,10 @@ def main(argv=None) -> int:
     cfg = parse(TrainConfig, argv, __doc__)
     try:
         evaluate_only(cfg) if cfg.eval_only else train(cfg)
-    except (DataError, OSError) as e:
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

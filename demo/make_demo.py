@@ -46,6 +46,9 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+from audio import write_provenance  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_DIR = os.path.join(HERE, "tokenizer")
 DATA_DIR = os.path.join(HERE, "data")
@@ -396,6 +399,7 @@ def main() -> None:
             (NUM_CODEBOOKS, len(wav) // HOP), (name, codes.shape, len(wav))
         assert codes.dtype == np.int64 and codes.min() >= 0 and codes.max() < CODEBOOK_SIZE
         np.save(os.path.join(DATA_DIR, name[:-4] + ".codes.npy"), codes)
+        write_provenance(os.path.join(DATA_DIR, name), "demo/make_demo.py (random weights)")
         for k in range(NUM_CODEBOOKS):
             usage[k] += np.bincount(codes[k], minlength=CODEBOOK_SIZE)
     print(f"codes: {len(waves)} clips, {usage[0].sum()} frames, "

@@ -377,6 +377,10 @@ def write_audio(data_dir, rel, rng, sr, channels, seconds, K, long=False):
     T = -(-n_frames * 25 // sr)  # ceil(duration_s * 25), exact integer arithmetic
     codes = rng.integers(0, CODEBOOK_SIZE, size=(K, T), dtype=np.int64)
     np.save(str(path.with_name(path.stem + ".codes.npy")), codes)
+    with open(path.with_name(path.stem + ".codes.json"), "w") as f:  # provenance (audio.py)
+        json.dump(dict(audio_bytes=path.stat().st_size, audio_mtime_ns=path.stat().st_mtime_ns,
+                       audio_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                       tokenizer="random codes (tests/make_golden.py)"), f)
     return dict(file=rel, sr=sr, channels=channels, frames=n_frames, T=T)
 
 
