@@ -238,17 +238,23 @@ def read_codes(part: AudioPart, base_dir: str, num_codebooks: int, codebook_size
     if stale:
         raise DataError(f"{where}: codes {path} are stale: {stale}; rerun `python data.py "
                         "prepare` (it re-encodes stale codes)")
-    if not values:
-        return shape, None
+    return shape, codes_values(path, num_codebooks, codebook_size, where) if values else None
+
+
+def codes_values(path: str, num_codebooks: int, codebook_size: int, where: str,
+                 frames: slice = slice(None)) -> np.ndarray:
+    """The first num_codebooks rows of a sidecar (its `frames`), checked against
+    [0, codebook_size), as int16 (int32 for larger codebooks)."""
     try:
-        codes = np.load(path, mmap_mode="r", allow_pickle=False)[:num_codebooks]
+        codes = np.load(path, mmap_mode="r", allow_pickle=False)[:num_codebooks, frames]
         lo, hi = (int(codes.min()), int(codes.max())) if codes.size else (0, 0)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"{where}: cannot read codes {path}: {e}; {fix}")
+        raise DataError(f"{where}: cannot read codes {path}: {e}; delete it and rerun `python "
+                        "data.py prepare`")
     if lo < 0 or hi >= codebook_size:
         raise DataError(f"{where}: codes {path} hold values in [{lo}, {hi}], outside "
                         f"[0, {codebook_size}); re-encode with the model's audio tokenizer")
-    return shape, codes.astype(np.int16 if codebook_size <= 2 ** 15 else np.int32)
+    return codes.astype(np.int16 if codebook_size <= 2 ** 15 else np.int32)
 
 
 def load_codes(part: AudioPart, base_dir: str, num_codebooks: int, codebook_size: int,

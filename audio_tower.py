@@ -1,13 +1,9 @@
-"""The Whisper-style audio tower some Higgs-Audio checkpoints carry (the released one does not):
-a Whisper encoder over 128-bin log-mel chunks of 30 s, 2x average pooling (750 states a chunk),
-and a projection into the backbone. Module names are the official ones (`audio_tower.*`,
-`audio_encoder_proj.linear`)."""
+"""The Whisper audio tower some checkpoints carry (not the released one), under official names."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 
 class WhisperAttention(nn.Module):
@@ -20,11 +16,10 @@ class WhisperAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x, key_bias):
-        B, T, D = x.shape
-        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
                                              split(self.v_proj(x)), attn_mask=key_bias)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class WhisperEncoderLayer(nn.Module):
@@ -42,8 +37,7 @@ class WhisperEncoderLayer(nn.Module):
 
 
 def tower_lengths(mel_frames):
-    """(frames after the tower's stride-2 conv, states after its 2x pooling) of a chunk with
-    `mel_frames` valid mel frames (an int or a tensor of them)."""
+    """(frames after the stride-2 conv, states after 2x pooling) of `mel_frames`, int or tensor."""
     conv = (mel_frames - 1) // 2 + 1
     return conv, (conv - 2) // 2 + 1
 
@@ -63,19 +57,13 @@ class AudioTower(nn.Module):
 
     def forward(self, features, mel_lengths):
         x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
-        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
-        x = x + self.embed_positions.weight
-        conv_len, _ = tower_lengths(mel_lengths)
-        T = x.shape[1]
-        # The official tower (transformers 4.46 eager WhisperAttention) ADDS its boolean key mask
-        # to the scores: +1 on valid frames, padding frames stay visible. Whisper itself never
-        # masks padding, and towered checkpoints run that way, so we reproduce it exactly.
-        valid = torch.arange(T, device=x.device)[None, :] < conv_len[:, None]
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1) + self.embed_positions.weight
+        # As the official tower: the boolean key mask is ADDED to the scores, padding stays visible.
+        valid = torch.arange(x.shape[1], device=x.device) < tower_lengths(mel_lengths)[0][:, None]
         key_bias = valid.to(x.dtype)[:, None, None, :]
         for layer in self.layers:
             x = layer(x, key_bias)
-        x = F.avg_pool1d(x.permute(0, 2, 1), 2, 2).permute(0, 2, 1)
-        return self.layer_norm(x)
+        return self.layer_norm(F.avg_pool1d(x.permute(0, 2, 1), 2, 2).permute(0, 2, 1))
 
 
 class AudioEncoderProj(nn.Module):

@@ -1,57 +1,45 @@
-"""Training-step benchmark: our model with LoRA on synthetic voice-cloning batches.
+"""Benchmarks at a preset's shape, random weights: the LoRA training step, generation, train.py.
 
-    python bench.py                                   # released shape, random weights, GPU
+    python bench.py                                   # training step, released shape, GPU
     python bench.py --device cpu --preset tiny        # smoke run without a GPU
-
-    torchrun --nproc_per_node 8 bench.py              # + DDP scaling: per-GPU positions/s and
-                                                      # efficiency against the same step alone
-
-Each sample: 40 text tokens, a reference clip as a context assistant turn (--ref_seconds of
-codes), 40 more text tokens, a trained target clip (--target_seconds). Times forward + backward
-+ optimizer after warm-up; the last line is JSON with positions_per_s, target_audio_s_per_s,
-mfu (FLOPs counted as in train.step_flops), peak_gib, the CPU data pipeline's samples/s, and the
-versions and host CPU that produced them.
-
+    torchrun --nproc_per_node 8 bench.py              # + DDP scaling against the same step alone
     python bench.py --generate --batch_size 16 [--frames 250] [--baseline]
-    python bench.py --generate --preset tiny --device cpu      # smoke run
-
     python bench.py --data DIR --compile --batch_size 16 [--epochs 2]
-    python bench.py --data demo/data/train.jsonl --preset tiny --device cpu    # smoke run
 
-The real path (bench_data): train.py itself on a data file or folder (`python rehearse.py corpus`
-writes a realistic-length one), over --epochs epochs from a fresh start (compilation in its first
-step), then the fixed-shape step on the same GPU; the last line is JSON with
-first_epoch_positions_per_s, steady_positions_per_s (the last epoch), their shares of the fixed
-step's figure, padding_fraction, distinct_shapes, host_syncs_per_step (CUDA) and compiled_graphs.
-
-Generation (bench_generate): greedy voice cloning of --batch_size prompts (text, a --ref_seconds
-reference clip, text) for --frames frames each; the last line is JSON with ms_per_frame and
-audio_seconds_per_s over whole generate calls (prefill included), prefill_seconds and the
-decode_ms_per_frame that leaves, and compile_seconds; with
---baseline also transformers' HiggsAudioV2ForConditionalGeneration.generate on the same weights
-and prompts (baseline_ms_per_frame, generate_speedup).
+A training sample: text, a --ref_seconds reference clip, text, a trained --target_seconds clip.
+--generate times whole greedy voice-cloning calls; --data times train.py itself on a data file or
+folder (`python rehearse.py corpus` writes one) from a fresh start, against the fixed-shape step;
+--baseline also times transformers (+ PEFT) on the same inputs. The last line is JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import platform
 import statistics
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import train
 from audio import CODES_FRAME_RATE
 from chatml import AudioSegment, Sample
-from checkpoint import transformers_config, transformers_name
+from checkpoint import model_spec, official_config, transformers_config, transformers_name
 from generate import Prompt, Sampling, generate, prompt_inputs
 from cli import option, parse
 from collate import Collator
+from data import Spec, open_dataset
 from device import autocast, init_distributed, local_rank, resolve_device
 from lora import count_parameters, inject_lora
 from loss import Objective
 from model import HiggsAudioModel, HiggsConfig, KVCache, fuse_projections, random_model
+from rehearse import released_tokenizer
 from train import H100_BF16_TFLOPS, data_parallel, step_flops
 
 
@@ -67,70 +55,71 @@ class BenchConfig:
     target_seconds: float = option(10.0, "target clip (trained audio), seconds", above=0)
     lora_r: int = option(64, "LoRA rank", min=1)
     lora_alpha: float = option(128.0, "LoRA alpha", above=0)
-    steps: int = option(0, "timed steps, the median is reported; 0: 10 training steps, or 3 "
-                        "generate calls with --generate", min=0)
-    warmup: int = option(-1, "untimed steps first (compilation happens here); -1: 3, or 1 with "
-                         "--generate", min=-1)
+    steps: int = option(0, "timed steps (median reported); 0: 10, or 3 with --generate", min=0)
+    warmup: int = option(-1, "untimed steps first (compiling); -1: 3, or 1 with --generate", min=-1)
     activation_checkpointing: bool = option(False, "recompute each layer in backward")
     compile: bool = option(False, "torch.compile each decoder layer")
     peak_tflops: float = option(H100_BF16_TFLOPS, "per-GPU peak bf16 TFLOP/s for MFU", above=0)
     memory_budget: float = option(1.0, "with --compile: activation memory budget; below 1 "
                                   "recomputes cheap ops in backward", above=0, max=1)
     cpp_wrapper: bool = option(False, "with --compile: launch the compiled kernels from C++")
-    static: bool = option(False, "with --compile: compile for the first batch's shapes only")
-    profile: bool = option(False, "print the top CUDA kernels of one step, kernel time and count")
-    trace: str = option("", "with --profile: write a Chrome trace (CPU + CUDA) to this file")
     baseline: bool = option(False, "also time transformers + PEFT on the identical batch (needs "
                             "peft); with --generate: transformers' generate on the same prompts")
     generate: bool = option(False, "time generation instead of training (see above)")
     frames: int = option(250, "with --generate: frames per stream (25 per second of audio)", min=1)
     decode: str = option("auto", "with --generate: how each frame runs (generate.generate)",
-                         choices=("auto", "compile", "cuda_graph", "eager", "dynamic"))
-    sample_lora: bool = option(False, "with --generate: with unmerged LoRA adapters of rank "
-                               "--lora_r, as train.py --sample_every runs")
+                         choices=("auto", "compile", "eager", "dynamic"))
+    sample_lora: bool = option(False, "with --generate: unmerged LoRA as --sample_every runs")
     data: str = option("", "time train.py on this data file or folder (see above)")
     epochs: int = option(2, "with --data: epochs to train", min=1)
 
 
+def random_parts(cfg: HiggsConfig, n: int, text_tokens: int, seconds: tuple, seed: int):
+    """n times: two random texts, the audio-out triplet, random codes of each clip length."""
+    g = torch.Generator().manual_seed(seed)
+    triplet = torch.tensor([cfg.audio_out_bos_token_id, cfg.audio_out_token_id,
+                            cfg.audio_eos_token_id])
+    for _ in range(n):
+        # ordinary text ids lie below <|begin_of_text|> (pad <|end_of_text|> is the next one)
+        texts = [torch.randint(0, cfg.pad_token_id - 1, (text_tokens,), generator=g)
+                 for _ in range(2)]
+        shapes = [(cfg.audio_num_codebooks, int(s * CODES_FRAME_RATE)) for s in seconds]
+        yield texts, triplet, [torch.randint(0, cfg.audio_codebook_size, shape, generator=g)
+                               for shape in shapes]
+
+
 def synthetic_samples(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float, target_s: float,
                       seed: int = 0) -> list[Sample]:
-    g = torch.Generator().manual_seed(seed)
-    # ordinary text ids lie below <|begin_of_text|> (pad <|end_of_text|> is the next one)
-    text = lambda: torch.randint(0, cfg.pad_token_id - 1, (text_tokens,), generator=g)  # noqa: E731
-    triplet = torch.tensor([cfg.audio_out_bos_token_id, cfg.audio_out_token_id, cfg.audio_eos_token_id])
+    """Training samples: text, a reference clip as an assistant turn, text, the target clip."""
     samples = []
-    for _ in range(n):
-        ids = torch.cat([text(), triplet, text(), triplet, torch.tensor([cfg.pad_token_id])])
+    for (a, b), triplet, codes in random_parts(cfg, n, text_tokens, (ref_s, target_s), seed):
+        ids = torch.cat([a, triplet, b, triplet, torch.tensor([cfg.pad_token_id])])
         labels = torch.full_like(ids, -100)
         labels[-4:] = ids[-4:]  # the target turn's triplet and its end token are trained
-        codes = [torch.randint(0, cfg.audio_codebook_size, (cfg.audio_num_codebooks, int(s * 25)),
-                               generator=g) for s in (ref_s, target_s)]
         samples.append(Sample(ids, labels, [AudioSegment(c, None, True) for c in codes]))
     return samples
 
 
-def baseline_model(cfg: HiggsConfig, r: int, alpha: float, device, dtype):
-    """transformers' HiggsAudioV2ForConditionalGeneration (text head on) + PEFT LoRA on every
-    linear of attention, text FFN and audio FFN: the stack people use today."""
-    import peft
+def synthetic_prompts(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float,
+                      seed: int = 0) -> list[Prompt]:
+    """Voice-cloning prompts of one length: text, a reference clip, text, <|audio_out_bos|>."""
+    prompts = []
+    for (a, b), triplet, [codes] in random_parts(cfg, n, text_tokens, (ref_s,), seed):
+        ids = torch.cat([a, triplet, b, torch.tensor([cfg.audio_out_bos_token_id])])
+        sample = Sample(ids, torch.full_like(ids, -100), [AudioSegment(codes, None, True)])
+        prompts.append(Prompt(sample, "", None, codes, None))
+    return prompts
+
+
+def transformers_model(cfg: HiggsConfig, device, dtype, attn_implementation=None, **kwargs):
+    """transformers' HiggsAudioV2ForConditionalGeneration at our shape, random weights."""
     from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
-    tcfg = HiggsAudioV2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, num_codebooks=cfg.audio_num_codebooks,
-        codebook_size=cfg.codebook_rows, audio_token_id=cfg.audio_out_token_id,
-        audio_bos_token_id=cfg.audio_out_bos_token_id, audio_stream_bos_id=cfg.audio_stream_bos_id,
-        audio_stream_eos_id=cfg.audio_stream_eos_id, pad_token_id=cfg.pad_token_id,
-        max_position_embeddings=131072,
-        rope_parameters=dict(cfg.rope_scaling, rope_theta=cfg.rope_theta))
-    tcfg._attn_implementation = "sdpa"
+    settings = {k: v for k, v in transformers_config(cfg).items()
+                if k not in ("model_type", "architectures")}
+    tcfg = HiggsAudioV2Config(**settings, attn_implementation=attn_implementation)
     with torch.device(device):
-        model = HiggsAudioV2ForConditionalGeneration(tcfg, use_text_head=True).to(dtype)
-    lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return peft.get_peft_model(model, lcfg)
+        return HiggsAudioV2ForConditionalGeneration(tcfg, **kwargs).to(dtype)
 
 
 def baseline_inputs(batch, cfg: HiggsConfig) -> dict:
@@ -154,30 +143,24 @@ def baseline_inputs(batch, cfg: HiggsConfig) -> dict:
 
 def environment() -> dict:
     """Versions and host CPU: both move the numbers (the baseline's memory follows the
-    transformers version; at batch 8 the host CPU's speed sets how long the GPU waits)."""
-    import platform
-
+    transformers version; at small batches the host CPU sets how long the GPU waits)."""
     import transformers
 
     cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                   cpu)
     try:
         import peft
-        peft_version = peft.__version__
     except ImportError:
-        peft_version = None
-    return dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft_version,
-                host_cpu=cpu, host_cores=os.cpu_count())
+        peft = None
+    return dict(torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft and peft.__version__, host_cpu=cpu, host_cores=os.cpu_count())
 
 
 def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float, float | None]:
-    """(median seconds per step, max/min step-time ratio, peak GiB) after warm-up. Each step is
-    timed on its own (synchronized) and the median taken, so one stall of a shared host does
-    not move the result; the ratio shows how steady the steps were."""
+    """(median seconds per step, max/min step-time ratio, peak GiB) after warm-up; the median of
+    steps timed one by one, so one stall of a shared host does not move it."""
     for _ in range(warmup):
         step()
     cuda = device.type == "cuda"
@@ -195,23 +178,6 @@ def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float, flo
     return statistics.median(times), max(times) / min(times), peak
 
 
-def synthetic_prompts(cfg: HiggsConfig, n: int, text_tokens: int, ref_s: float,
-                       seed: int = 0) -> list[Prompt]:
-    """Voice-cloning prompts of one length: text, a reference clip as an assistant audio turn,
-    text, then <|audio_out_bos|> where generation starts."""
-    g = torch.Generator().manual_seed(seed)
-    text = lambda: torch.randint(0, cfg.pad_token_id - 1, (text_tokens,), generator=g)  # noqa: E731
-    bos, K = cfg.audio_out_bos_token_id, cfg.audio_num_codebooks
-    triplet = torch.tensor([bos, cfg.audio_out_token_id, cfg.audio_eos_token_id])
-    prompts = []
-    for _ in range(n):
-        ids = torch.cat([text(), triplet, text(), torch.tensor([bos])])
-        codes = torch.randint(0, cfg.audio_codebook_size, (K, int(ref_s * 25)), generator=g)
-        sample = Sample(ids, torch.full_like(ids, -100), [AudioSegment(codes, None, True)])
-        prompts.append(Prompt(sample, "", None, codes, None))
-    return prompts
-
-
 def zero_eos_rows(model: HiggsAudioModel) -> HiggsAudioModel:
     """The audio head can no longer prefer stream EOS: greedy streams run to the frame limit."""
     with torch.no_grad():
@@ -221,26 +187,17 @@ def zero_eos_rows(model: HiggsAudioModel) -> HiggsAudioModel:
 
 
 def baseline_generator(model: HiggsAudioModel, batch, frames: int):
-    """transformers' HiggsAudioV2ForConditionalGeneration with our weights, and a call of its
-    generate on the same collated prompts: greedy, its own cache, frames + 1 new frames (its first is the
-    all-BOS frame that our loop feeds without a step); returns the new frames (B, K, frames + 1)."""
-    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
-
-    cfg = model.cfg
-    settings = {k: v for k, v in transformers_config(cfg).items()
-                if k not in ("model_type", "architectures")}
+    """transformers with our weights, and a call of its greedy generate on the same prompts for
+    frames + 1 new frames (its first is the all-BOS frame our loop feeds without a step)."""
     weight = model.norm.weight
-    with torch.device(weight.device):
-        base = HiggsAudioV2ForConditionalGeneration(HiggsAudioV2Config(**settings)).to(weight.dtype)
+    base = transformers_model(model.cfg, weight.device, weight.dtype)
     base.load_state_dict({transformers_name(k): v for k, v in model.state_dict().items()
                           if "text_lm_head" not in k and "lora_" not in k})
     base.eval()
-    inputs = baseline_inputs(batch, cfg)
+    inputs = {k: v for k, v in baseline_inputs(batch, model.cfg).items() if "labels" not in k}
     n = int(batch.attention_mask.sum(1).max())  # the collator's round-up padding: cut
-    inputs = dict(input_ids=inputs["input_ids"][:, :n],
-                  attention_mask=inputs["attention_mask"][:, :n],
-                  audio_input_ids=inputs["audio_input_ids"],
-                  audio_input_ids_mask=inputs["audio_input_ids_mask"])
+    inputs.update(input_ids=inputs["input_ids"][:, :n],
+                  attention_mask=inputs["attention_mask"][:, :n])
 
     @torch.no_grad()
     def run():
@@ -250,9 +207,8 @@ def baseline_generator(model: HiggsAudioModel, batch, frames: int):
 
 
 def bench_generate(args: BenchConfig) -> dict:
-    """Generation benchmark at a preset's shape (random weights, stream-EOS rows of the audio
-    head zeroed so that every stream runs all --frames frames): whole generate calls timed after
-    warm-up, the first of which builds (compiles, captures) the decode step."""
+    """Whole generate calls at a preset's shape, timed after warm-up (which builds the decode
+    step); the stream-EOS rows of the audio head are zeroed so every stream runs --frames."""
     device, dtype = resolve_device(args.device, "auto", local_rank())
     cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
     model = zero_eos_rows(random_model(cfg, device, dtype).eval())
@@ -262,33 +218,32 @@ def bench_generate(args: BenchConfig) -> dict:
     prompts = synthetic_prompts(cfg, args.batch_size, args.text_tokens, args.ref_seconds)
     sampling = Sampling(temperature=0, ras_window=0, max_seconds=args.frames / CODES_FRAME_RATE)
     outputs = []
-    dt, spread, peak = time_steps(lambda: outputs.append(generate(model, prompts, sampling,
-                                                                  decode=args.decode)),
-                                  args.warmup, args.steps, device)
+    dt, spread, peak = time_steps(
+        lambda: outputs.append(generate(model, prompts, sampling, decode=args.decode)),
+        args.warmup, args.steps, device)
     streams = torch.stack([g.stream for g in outputs[-1]])
+    assert streams.shape[2] == args.frames + 1, "a stream ended early"
     batch = Collator(cfg)([p.sample for p in prompts]).to(device)  # prompts of one length
     with torch.no_grad():  # generate's prefill alone: its share of each call
         prefill_dt, _, _ = time_steps(lambda: model.forward_cached(
             *prompt_inputs(model, batch), KVCache(len(model.layers))), args.warmup, args.steps,
             device)
-    assert streams.shape[2] == args.frames + 1, "a stream ended early"
     step = getattr(model, "decode_step_cache", None)  # None: --decode dynamic
     audio_seconds = args.batch_size * args.frames / CODES_FRAME_RATE  # per generate call
+    cuda = device.type == "cuda"
     result = dict(
-        preset=args.preset,
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        preset=args.preset, device=torch.cuda.get_device_name(device) if cuda else "cpu",
         decode=step.mode if step else args.decode, batch_size=args.batch_size, frames=args.frames,
-        prompt_positions=int(batch.attention_mask[0].sum()),
-        sample_lora=args.sample_lora, seconds=dt, ms_per_frame=dt / args.frames * 1e3,
-        prefill_seconds=prefill_dt, decode_ms_per_frame=(dt - prefill_dt) / args.frames * 1e3,
-        audio_seconds_per_s=audio_seconds / dt,
-        compile_seconds=step.build_seconds if step else 0.0,
+        prompt_positions=int(batch.attention_mask[0].sum()), sample_lora=args.sample_lora,
+        seconds=dt, ms_per_frame=dt / args.frames * 1e3, prefill_seconds=prefill_dt,
+        decode_ms_per_frame=(dt - prefill_dt) / args.frames * 1e3,
+        audio_seconds_per_s=audio_seconds / dt, compile_seconds=step.build_seconds if step else 0.0,
         time_spread=spread, peak_gib=peak, **environment())
     if args.baseline:
         run = baseline_generator(model, batch, args.frames)
         del model, step
         gc.collect()  # the model and its decode step refer to each other
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
         got = []
         base_dt, _, base_peak = time_steps(lambda: got.append(run()), args.warmup, args.steps,
@@ -301,32 +256,16 @@ def bench_generate(args: BenchConfig) -> dict:
     return result
 
 
-def profile_step(step, device, trace: str) -> None:
-    """Print the top CUDA kernels of one step, and how busy the GPU was: well below 100% means
-    it waits on the host (launch-bound)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize(device)
-        wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
-    # device-side events only: with a trace the CPU ops also carry their kernels' time
-    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
-    kernel_s = sum(e.self_device_time_total for e in on_gpu) / 1e6
-    print(f"profiled step: {wall * 1e3:.1f} ms wall, {kernel_s * 1e3:.1f} ms in "
-          f"{sum(e.count for e in on_gpu)} kernels, GPU busy {kernel_s / wall:.0%}")
-    if trace:
-        prof.export_chrome_trace(trace)
-
-
 def time_baseline(args: BenchConfig, cfg: HiggsConfig, batch, device, dtype) -> tuple:
-    """(median step seconds, peak GiB) of transformers + PEFT on the identical batch."""
-    base = baseline_model(cfg, args.lora_r, args.lora_alpha, device, dtype)
+    """(median step seconds, peak GiB) on the identical batch of the stack people use today:
+    transformers (text head on) + PEFT LoRA on every linear of attention, text and audio FFN."""
+    import peft
+
+    lora = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                           "up_proj", "down_proj"])
+    model = transformers_model(cfg, device, dtype, "sdpa", use_text_head=True)
+    base = peft.get_peft_model(model, lora)
     base.train()
     if args.activation_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -354,8 +293,7 @@ def bench_train(args: BenchConfig) -> dict:
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
-        model.compile_layers(args.memory_budget, dynamic=None if args.static else True,
-                             cpp_wrapper=args.cpp_wrapper)
+        model.compile_layers(args.memory_budget, cpp_wrapper=args.cpp_wrapper)
     model.train()
     trainable, total = count_parameters(model)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5,
@@ -383,16 +321,14 @@ def bench_train(args: BenchConfig) -> dict:
 
     step = training_step(data_parallel(model, objective, device, 1))
     dt, spread, peak = time_steps(step, args.warmup, args.steps, device)
-    if args.profile:
-        profile_step(step, device, args.trace)
-    positions = float(batch.attention_mask.sum())
+    positions, cuda = float(batch.attention_mask.sum()), device.type == "cuda"
     result = dict(
-        preset=args.preset, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        preset=args.preset, device=torch.cuda.get_device_name(device) if cuda else "cpu",
         batch_size=args.batch_size, positions_per_sample=positions / args.batch_size,
         trainable_params=trainable, total_params=total, step_seconds=dt, step_time_spread=spread,
         positions_per_s=positions / dt,
         target_audio_s_per_s=args.batch_size * args.target_seconds / dt,
-        mfu=step_flops(model, batch) / dt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
+        mfu=step_flops(model, batch) / dt / (args.peak_tflops * 1e12) if cuda else None,
         peak_gib=peak, pipeline_samples_per_s=pipeline_samples_per_s,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
         memory_budget=args.memory_budget, cpp_wrapper=args.cpp_wrapper, **environment())
@@ -413,23 +349,24 @@ def bench_train(args: BenchConfig) -> dict:
             torch.cuda.empty_cache()
         base_dt, base_peak = time_baseline(args, cfg, batch, device, dtype)
         result.update(baseline_positions_per_s=positions / base_dt, baseline_peak_gib=base_peak,
-                      speedup=base_dt / dt, memory_ratio=peak / base_peak if peak and base_peak else None)
+                      speedup=base_dt / dt,
+                      memory_ratio=peak / base_peak if peak and base_peak else None)
     return result
 
 
 def bench_data(args: BenchConfig) -> dict:
-    """train.py's own pipeline on --data (random weights at the preset's shape, LoRA r=--lora_r),
-    then bench_train's fixed-shape step at the same batch size for comparison."""
-    import tempfile
-    import warnings
-
-    import train
-    from checkpoint import model_spec, official_config
-    from data import Spec, open_dataset
-    from rehearse import released_tokenizer
+    """train.py's own pipeline on --data (random weights at the preset's shape), then
+    bench_train's fixed-shape step at the same batch size for comparison."""
+    import torch._dynamo.utils as dynamo_utils  # here: importing the compiler takes seconds
 
     device, dtype = resolve_device(args.device, "auto", local_rank())
     cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
+    cuda, after_step = device.type == "cuda", []
+
+    def probe(*_):  # after each optimizer step: allocator segments and compiled graphs so far
+        stats = torch.cuda.memory_stats(device) if cuda else {}
+        after_step.append((stats.get("segment.all.allocated", 0),
+                           dynamo_utils.counters["stats"]["unique_graphs"]))
     with tempfile.TemporaryDirectory() as tmp:
         spec = "tiny"
         if args.preset == "released":  # what model_spec reads: config.json and the tokenizer
@@ -439,38 +376,33 @@ def bench_data(args: BenchConfig) -> dict:
                 json.dump(official_config(cfg), f)
         tokenizer, _ = model_spec(spec)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        per_epoch = len(open_dataset(args.data, Spec(cfg, tokenizer, 4096))) // (args.batch_size * world)
+        samples = len(open_dataset(args.data, Spec(cfg, tokenizer, 4096)))
+        per_epoch = samples // (args.batch_size * world)
         argv = ["--model", spec, "--train_data", args.data, "--eval_data", "", "--device",
                 device.type, "--output_dir", os.path.join(tmp, "run"), "--batch_size",
                 str(args.batch_size), "--lora_r", str(args.lora_r), "--lora_alpha",
-                str(args.lora_alpha), "--max_steps", str(args.epochs * per_epoch), "--save_every",
-                str(10 ** 9), "--log_every", str(per_epoch), "--compile_memory_budget",
-                str(args.memory_budget)] + ["--peak_tflops", str(args.peak_tflops)] * (device.type == "cuda") + \
-            ["--compile"] * args.compile + ["--compile_cpp_wrapper"] * args.cpp_wrapper + \
+                str(args.lora_alpha), "--max_steps", str(args.epochs * per_epoch),
+                "--save_every", str(10 ** 9), "--log_every", str(per_epoch),
+                "--compile_memory_budget", str(args.memory_budget)]
+        argv += ["--peak_tflops", str(args.peak_tflops)] * cuda + ["--compile"] * args.compile
+        argv += ["--compile_cpp_wrapper"] * args.cpp_wrapper + \
             ["--activation_checkpointing"] * args.activation_checkpointing
-        import torch._dynamo.utils as dynamo_utils
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        cuda, after_step = device.type == "cuda", []
-
-        def probe(*_):  # after each optimizer step: allocator segments and compiled graphs so far
-            stats = torch.cuda.memory_stats(device) if cuda else {}
-            after_step.append((stats.get("segment.all.allocated", 0),
-                               dynamo_utils.counters["stats"]["unique_graphs"]))
         hook = register_optimizer_step_post_hook(probe)
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train.train(train.parse(train.TrainConfig, argv), random_model(cfg, device, dtype))
+            train.train(parse(train.TrainConfig, argv), random_model(cfg, device, dtype))
         hook.remove()
-        torch.cuda.set_sync_debug_mode(0) if cuda else None
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
         with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
             steps = [r for r in map(json.loads, f) if "loss" in r]
-    syncs = sum("synchronizing" in str(w.message) for w in caught)
-    epoch = lambda e: [r for r in steps[1:] if r["epoch"] == e]  # noqa: E731 - step 1 compiles
-    rate = lambda rows: sum(r["positions_per_s"] * r["step_seconds"] for r in rows) / \
-        sum(r["step_seconds"] for r in rows)  # noqa: E731
+
+    def rate(epoch):  # positions/s over an epoch's steps; step 1 compiles and is left out
+        rows = [r for r in steps[1:] if r["epoch"] == epoch]
+        return sum(r["positions_per_s"] * r["step_seconds"] for r in rows) / \
+            sum(r["step_seconds"] for r in rows)
     seen, new, old = set(), [], []
     print("step epoch lengths new seconds +segments +graphs")
     for r, (segments, graphs), before in zip(steps, after_step, [(0, 0)] + after_step):
@@ -481,18 +413,20 @@ def bench_data(args: BenchConfig) -> dict:
         if r["step"] > 1:
             (new if fresh else old).append(r["step_seconds"])
     result = dict(
-        data=args.data, steps=len(steps), steps_per_epoch=per_epoch, first_step_seconds=steps[0]["step_seconds"],
-        first_epoch_positions_per_s=rate(epoch(0)), steady_positions_per_s=rate(epoch(args.epochs - 1)),
+        data=args.data, steps=len(steps), steps_per_epoch=per_epoch,
+        first_step_seconds=steps[0]["step_seconds"], first_epoch_positions_per_s=rate(0),
+        steady_positions_per_s=rate(args.epochs - 1),
         padding_fraction=sum(r["padding"] for r in steps) / len(steps),
         distinct_shapes=len({tuple(r["batch_lengths"]) for r in steps}),
         new_shape_step_s=statistics.median(new) if new else None,
         seen_shape_step_s=statistics.median(old) if old else None,
-        host_syncs_per_step=syncs / len(steps) if device.type == "cuda" else None,
+        host_syncs_per_step=sum("synchronizing" in str(w.message) for w in caught) / len(steps)
+        if cuda else None,
         compiled_graphs=dynamo_utils.counters["stats"]["unique_graphs"])
     fixed = bench_train(args)
-    result.update(fixed_positions_per_s=fixed["positions_per_s"],
-                  first_epoch_share=result["first_epoch_positions_per_s"] / fixed["positions_per_s"],
-                  steady_share=result["steady_positions_per_s"] / fixed["positions_per_s"],
+    speed = result["fixed_positions_per_s"] = fixed["positions_per_s"]
+    result.update(first_epoch_share=result["first_epoch_positions_per_s"] / speed,
+                  steady_share=result["steady_positions_per_s"] / speed,
                   **{k: fixed[k] for k in ("preset", "device", "batch_size", "compile")},
                   **environment())
     return result

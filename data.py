@@ -1,13 +1,11 @@
 """Data: records become validated samples, and the data command line:
 
-    python data.py check DATA [--model CKPT|tiny] [--workers N]  # validate and report; exit 1 if invalid
-    python data.py prepare DATA --tokenizer AUDIO_TOK           # write the .codes.npy sidecars
+    python data.py check DATA [--model CKPT|tiny] [--workers N]   # report; exit 1 if invalid
+    python data.py prepare DATA --tokenizer AUDIO_TOK            # write the .codes.npy sidecars
 
-DATA is a data file or folder in any format of formats.py. Validation is shared by `check` and
-training: every problem is reported with the file, the record, the field as the input names it,
-and the fix; nothing is invented or silently dropped. Training keeps what validation found in a
-compact index (Dataset) next to the data, reused while the data is unchanged; a sample's codes are
-read when it is batched.
+Validation is shared by `check` and training, and names the file, the record, the field as the
+input names it, and the fix. Training keeps what it found in an index beside the data (Dataset),
+reused while the data is unchanged; a sample's codes are read when it is batched.
 """
 from __future__ import annotations
 
@@ -29,9 +27,9 @@ import soundfile as sf
 import torch
 
 from audio import (CODES_FRAME_RATE, CODES_SAMPLE_RATE, WHISPER_SAMPLE_RATE, audio_info, codes_path,
-                   encode_files, expected_frames, frames_match, has_valid_sidecar, load_audio,
-                   load_audio_tokenizer, load_codes, provenance_path, read_codes,
-                   resampled_length, window)
+                   codes_values, encode_files, expected_frames, frames_match, has_valid_sidecar,
+                   load_audio, load_audio_tokenizer, load_codes, npy_header, provenance_path,
+                   read_codes, resampled_length, window)
 from audio_tower import tower_lengths
 from chatml import (IGNORE, AudioPart, AudioSegment, Record, Sample, TextPart, audio_paths,
                     field_name, record_to_json, resolve_audio_path, tokenize_records)
@@ -43,11 +41,11 @@ from formats import FORMATS, Invalid, read_items, read_records, to_record
 from model import HiggsConfig
 
 SPEAKING_RATE_FACTOR = 2.5  # a target this many times faster or slower than the median is odd
-INDEX_VERSION = 2
-CHUNK = 1000  # records validated together (one tokenizer batch; one task of a worker)
+INDEX_VERSION = 3
+CHUNK = 1000  # records validated together: one tokenizer batch, one task of a worker
 
 # ----------------------------------------------------------------------------------------------
-# What a sample becomes: the collator's expansion (OFFICIAL.md section 6), as positions
+# What a sample becomes: the collator's expansion (OFFICIAL.md section 6), counted in positions
 
 WHISPER_CHUNK_SECONDS = 30
 WHISPER_HOP = 160  # samples per mel frame of WhisperFeatureExtractor
@@ -55,10 +53,9 @@ TEXT, AUDIO_IN_CODES, AUDIO_OUT, WHISPER = 0, 1, 2, 3  # position kinds in the e
 
 
 def audio_plan(sample: Sample, cfg) -> list[tuple[int, list[tuple[int, object]]]]:
-    """What each audio placeholder of `sample` becomes, in order: (token index, pieces), a piece
-    being (AUDIO_OUT or AUDIO_IN_CODES, unwrapped codes (K, T)), (WHISPER, a waveform chunk of at
-    most 30 s) or (TEXT, token index) for the <|audio_eos|><|audio_bos|> each extra 30 s chunk
-    repeats. A placeholder with nothing to fill in (no codes, no Whisper) stays a text token."""
+    """What each audio placeholder becomes, in order: (token index, pieces); a piece is
+    (AUDIO_OUT or AUDIO_IN_CODES, codes (K, T)), (WHISPER, a waveform chunk of at most 30 s) or
+    (TEXT, token index) for the <|audio_eos|><|audio_bos|> each further 30 s chunk repeats."""
     K, plan, audios = cfg.audio_num_codebooks, [], iter(sample.audios)
     ids = np.asarray(sample.input_ids)
 
@@ -71,23 +68,21 @@ def audio_plan(sample: Sample, cfg) -> list[tuple[int, list[tuple[int, object]]]
     chunk = WHISPER_CHUNK_SECONDS * WHISPER_SAMPLE_RATE
     frames = WHISPER_CHUNK_SECONDS * CODES_FRAME_RATE  # codes per chunk
     for i in np.flatnonzero((ids == cfg.audio_out_token_id) | (ids == cfg.audio_in_token_id)):
-        i, tok = int(i), int(ids[i])
-        if tok == cfg.audio_out_token_id:
-            plan.append((i, [(AUDIO_OUT, next_audio(i).codes[:K])]))
-        elif tok == cfg.audio_in_token_id:
-            seg, pieces = next_audio(i), []
-            if cfg.uses_whisper:
-                # a chunk's codes are the same 30 s window (the official collator pairs them with
-                # the wrong audio here, OFFICIAL.md section 8)
-                for c, s in enumerate(range(0, len(seg.waveform), chunk)):
-                    if c > 0:
-                        pieces += [(TEXT, i + 1), (TEXT, i - 1)]
-                    pieces.append((WHISPER, seg.waveform[s:s + chunk]))
-                    if cfg.encode_audio_in_tokens and seg.codes[:, c * frames:].shape[1]:
-                        pieces.append((AUDIO_IN_CODES, seg.codes[:K, c * frames:(c + 1) * frames]))
-            elif cfg.encode_audio_in_tokens:
-                pieces.append((AUDIO_IN_CODES, seg.codes[:K]))
-            plan.append((i, pieces or [(TEXT, i)]))
+        i, seg = int(i), next_audio(int(i))
+        if ids[i] == cfg.audio_out_token_id:
+            plan.append((i, [(AUDIO_OUT, seg.codes[:K])]))
+            continue
+        pieces = []
+        if cfg.uses_whisper:  # a chunk's codes are its own 30 s (OFFICIAL.md section 8)
+            for c, s in enumerate(range(0, len(seg.waveform), chunk)):
+                if c > 0:
+                    pieces += [(TEXT, i + 1), (TEXT, i - 1)]
+                pieces.append((WHISPER, seg.waveform[s:s + chunk]))
+                if cfg.encode_audio_in_tokens and seg.codes[:, c * frames:].shape[1]:
+                    pieces.append((AUDIO_IN_CODES, seg.codes[:K, c * frames:(c + 1) * frames]))
+        elif cfg.encode_audio_in_tokens:
+            pieces.append((AUDIO_IN_CODES, seg.codes[:K]))
+        plan.append((i, pieces or [(TEXT, i)]))  # nothing to fill in: it stays a text token
     if next(audios, None) is not None:
         raise DataError(f"{sample.source}: {len(sample.audios)} audio parts but fewer audio "
                         "placeholders in the tokens")
@@ -104,8 +99,7 @@ def piece_length(kind: int, payload, cfg) -> int:
 
 
 def expanded_length(sample: Sample, cfg) -> int:
-    """Positions the collator gives `sample`, without collating (only the shapes of its codes and
-    waveforms are read)."""
+    """Positions the collator gives `sample`; only the shapes of its codes and waveforms count."""
     return len(sample.input_ids) + sum(sum(piece_length(k, p, cfg) for k, p in pieces) - 1
                                        for _, pieces in audio_plan(sample, cfg))
 
@@ -116,12 +110,12 @@ def expanded_length(sample: Sample, cfg) -> int:
 
 @dataclass
 class Spec:
-    """What validation checks the records against, besides the data itself."""
+    """What validation checks the records against, besides the data."""
     cfg: HiggsConfig
     tokenizer: object = None  # None: no tokens, lengths or samples (`check` without --model)
     max_seq_len: int | None = None
     require_audio: bool = True  # training data must have trained assistant audio
-    values: bool = False  # read the codes and check their range (else headers only)
+    values: bool = False  # read every codes value and check its range (else headers only)
 
     def key(self) -> str:
         """What an index depends on besides the data."""
@@ -139,16 +133,14 @@ class Checked:
     record: Record
     target_seconds: float = 0.0
     target_chars: int | None = None  # text of the single target, for its speaking rate
-    segments: list = field(default_factory=list)  # (part, file or None, is_out, codes frames,
-    #                                                 16 kHz samples)
+    segments: list = field(default_factory=list)  # (part, file, is_out, frames, 16 kHz samples)
 
 
 def _check_audio(part: AudioPart, key: str | None, record: Record, where: str, spec: Spec,
                  needs_codes: bool, cache: dict) -> tuple[float, int, int]:
-    """(seconds in the part's window, codes frames in it, its 16 kHz samples); raises if the
-    audio (the file `key`, or raw audio) is missing, unreadable or empty, or (when the model
-    needs codes) its sidecar is missing, malformed, stale or of another length. `cache` holds
-    each file's results."""
+    """(seconds in the part's window, codes frames in it, its 16 kHz samples) of the audio file
+    `key` (None: raw audio); raises if it is unusable or (when the model needs codes) its sidecar
+    is missing, malformed, stale or of another length. `cache` keeps each file's results."""
     info = cache.get(key) or audio_info(part, record.base_dir, where)
     if key:
         cache[key] = info
@@ -160,15 +152,14 @@ def _check_audio(part: AudioPart, key: str | None, record: Record, where: str, s
     frames = 0
     if needs_codes:
         if (key, "codes") not in cache:
-            K = spec.cfg.audio_num_codebooks
-            shape, _ = read_codes(part, record.base_dir, K, spec.cfg.audio_codebook_size, where,
-                                  spec.values)
+            shape, _ = read_codes(part, record.base_dir, spec.cfg.audio_num_codebooks,
+                                  spec.cfg.audio_codebook_size, where, spec.values)
             if not frames_match(shape[1], info.frames, info.samplerate):
-                want = expected_frames(info.frames, info.samplerate)
-                raise DataError(f"{where}: codes {codes_path(key)} have {shape[1]} frames but "
-                                f"the audio ({info.frames / info.samplerate:.2f} s) gives {want} at "
-                                "25 frames/s: the sidecar belongs to another file or an older "
-                                "version of it; delete it and rerun `python data.py prepare`")
+                raise DataError(f"{where}: codes {codes_path(key)} have {shape[1]} frames but the "
+                                f"audio ({info.frames / info.samplerate:.2f} s) gives "
+                                f"{expected_frames(info.frames, info.samplerate)} at 25 frames/s: "
+                                "the sidecar belongs to another file or an older version of it; "
+                                "delete it and rerun `python data.py prepare`")
             cache[(key, "codes")] = shape[1]
         frames = len(range(cache[(key, "codes")])[window(part, CODES_FRAME_RATE, math.ceil)])
         if frames == 0:
@@ -238,8 +229,8 @@ def check_record(record: Record, spec: Spec, cache: dict | None = None) -> Check
 
 
 def shape_sample(ids: np.ndarray, segments: list, cfg, source: str) -> Sample:
-    """A Sample whose codes and waveforms are stand-ins of the right shapes (no memory): enough
-    for expanded_length before any codes are read."""
+    """A Sample with stand-ins of the right shapes for its codes and waveforms (no memory):
+    enough for expanded_length before any codes are read."""
     shaped = lambda *shape: np.broadcast_to(np.int16(0), shape)  # noqa: E731
     return Sample(ids, ids, [AudioSegment(shaped(cfg.audio_num_codebooks, frames), shaped(samples),
                                           is_out) for _, _, is_out, frames, samples in segments],
@@ -256,12 +247,16 @@ def load_segment(part: AudioPart, base_dir: str, is_out: bool, cfg, where: str) 
 
 
 def make_sample(record: Record, tokenizer, cfg) -> Sample:
-    """Tokenize a record and load its audio codes (and waveforms when the model uses Whisper)."""
+    """A record tokenized, with its audio codes (and waveforms when the model uses Whisper)."""
     inputs, labels, audio_parts = tokenize_records([record], tokenizer)[0]
     audios = [load_segment(part, record.base_dir, is_out, cfg,
                            f"{record.source}: audio {i} ({part.audio_url or 'raw_audio'})")
               for i, (part, is_out) in enumerate(audio_parts)]
     return Sample(torch.from_numpy(inputs), torch.from_numpy(labels), audios, record.source)
+
+
+def hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def item_hash(payload) -> int:
@@ -270,10 +265,25 @@ def item_hash(payload) -> int:
         payload if not isinstance(payload, tuple) else payload[0], sort_keys=True, default=str))
 
 
+def file_states(audio: str) -> tuple[str, list[int], list[int]]:
+    """The state of an audio file, its codes sidecar and its provenance file: "path|size|time"
+    lines ("path|-" when missing: one that appears changes the data), and hashes of each path
+    and each state, so that changes can be counted."""
+    lines = []
+    for p in (audio, codes_path(audio), provenance_path(audio)):
+        try:
+            st = os.stat(p)
+            lines.append((p, f"{st.st_size}|{st.st_mtime_ns}"))
+        except OSError:
+            lines.append((p, "-"))
+    return ("".join(f"{p}|{state}\n" for p, state in lines), [hash64(p) for p, _ in lines],
+            [hash64(state) for _, state in lines])
+
+
 def validate_chunk(task) -> dict:
-    """Validate records start.. of a chunk of read_items: compact arrays of the valid ones (their
-    tokens, segments, lengths), the invalid ones with reasons, every record's hash, the state of
-    every file they use, and the report's figures. Runs in a worker process (reads _SPEC)."""
+    """Validate a chunk of read_items (records start..): the valid ones as arrays (tokens,
+    segments, lengths), the invalid ones with reasons, every record's hash, the state of every
+    file they use, and the report's figures. Runs in a worker process (reads _SPEC)."""
     items, start, fmt, base_dir = task
     spec, cache, good, invalid, media = _SPEC, {}, [], [], set()
     for index, (source, payload) in enumerate(items, start):
@@ -306,51 +316,31 @@ def validate_chunk(task) -> dict:
             out["lengths"].append(length)
             out["ids"].append(ids.astype(np.int32))
             out["supervised"].append(labels != IGNORE)
-        out["index"].append(r.index)
-        out["source"].append(r.source)
+        for key, value in (("index", r.index), ("source", r.source), ("speaker", r.speaker),
+                           ("seconds", c.target_seconds), ("chars", c.target_chars)):
+            out[key].append(value)
         out["segments"].append([(f or p.raw_audio, not f, p.offset, p.duration, is_out)
                                 for p, f, is_out, _, _ in c.segments])
-        for _, f, _, _, _ in c.segments:
-            if f:
-                info = cache[f]
-                out["files"].setdefault(f, (info.samplerate, info.channels, info.frames, r.source))
-        out["speaker"].append(r.speaker)
-        out["seconds"].append(c.target_seconds)
-        out["chars"].append(c.target_chars)
-    out["invalid"].sort(key=lambda x: x.index)
+        for f in (f for _, f, _, _, _ in c.segments if f):
+            out["files"].setdefault(f, (*cache[f], r.source))
+    invalid.sort(key=lambda x: x.index)
     return out
 
 
-def file_states(audio: str) -> tuple[str, list[int], list[int]]:
-    """The state of an audio file, its codes sidecar and its provenance file: "path|size|time"
-    lines ("path|-" when missing: one that appears changes the data), and hashes of each path
-    and each state, so that a change can be counted."""
-    lines = []
-    for p in (audio, codes_path(audio), provenance_path(audio)):
-        try:
-            st = os.stat(p)
-            lines.append((p, f"{st.st_size}|{st.st_mtime_ns}"))
-        except OSError:
-            lines.append((p, "-"))
-    return ("".join(f"{p}|{state}\n" for p, state in lines), [hash64(p) for p, _ in lines],
-            [hash64(state) for _, state in lines])
-
-
-_SPEC: Spec | None = None  # the Spec of validate_chunk's worker processes
+_SPEC: Spec | None = None  # the Spec of the task functions in this (worker) process
 
 
 def validate(path: str, spec: Spec, fmt: str = "auto", workers: int = 1, task=validate_chunk):
-    """(items, format, base folder, the results of `task` on each chunk of items) of a data
-    file or folder, in order; `workers` processes share the chunks when there are several."""
+    """(items, format, base folder, `task` of each chunk of items) of a data file or folder."""
     items, fmt, base_dir = read_items(path, fmt)
     chunks = [(items[i:i + CHUNK], i, fmt, base_dir) for i in range(0, len(items), CHUNK)]
     return items, fmt, base_dir, parallel_map(task, chunks, workers, spec)
 
 
 def parallel_map(task, inputs: list, workers: int, spec: Spec | None = None) -> list:
-    """[task(x) for x in inputs], in `workers` processes when there are several; `task` reads
-    `spec` as _SPEC. The processes come from a fork server (a fresh process), not from this one,
-    whose threads (a process group's, the tokenizer's) a forked child could inherit locked."""
+    """[task(x) for x in inputs] in `workers` processes when there are several; `task` reads
+    `spec` as _SPEC. The processes come from a fork server, a fresh process: a child forked
+    from this one could inherit a lock that one of its threads held."""
     workers = min(workers, len(inputs))
     if workers <= 1:
         set_spec(spec)
@@ -360,8 +350,8 @@ def parallel_map(task, inputs: list, workers: int, spec: Spec | None = None) -> 
 
 
 def start_workers():
-    """The multiprocessing context of parallel_map, its fork server started (it imports this
-    module while the caller goes on: call it early)."""
+    """parallel_map's process context; the fork server starts importing this module at once, so
+    call it early."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["data"])
     multiprocessing.forkserver.ensure_running()
@@ -380,12 +370,12 @@ def default_workers() -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# The index: a validated data set, kept next to the data and reused while it is unchanged
+# The index: a validated data set, kept beside the data and reused while it is unchanged
 
 
 def records_digest(path: str) -> str:
-    """SHA-256 of the records: the data file's bytes, or for a folder its transcripts and lists
-    (names, sizes and modification times; the audio counts as media)."""
+    """SHA-256 of the records: the data file's bytes, or for a folder the names, sizes and times
+    of its transcripts and lists (its audio is media)."""
     h = hashlib.sha256()
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -394,20 +384,15 @@ def records_digest(path: str) -> str:
         return h.hexdigest()
     for folder, subfolders, files in sorted(os.walk(path)):
         subfolders[:] = sorted(d for d in subfolders if d != ".higgs_index")
-        for name in sorted(files):
-            if name.endswith((".txt", ".csv")):
-                st = os.stat(os.path.join(folder, name))
-                h.update(f"{os.path.relpath(os.path.join(folder, name), path)}|{st.st_size}|"
-                         f"{st.st_mtime_ns}\n".encode())
+        for name in sorted(f for f in files if f.endswith((".txt", ".csv"))):
+            st = os.stat(os.path.join(folder, name))
+            h.update(f"{os.path.relpath(os.path.join(folder, name), path)}|{st.st_size}|"
+                     f"{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
 def media_state(states: list[tuple]) -> tuple[str, np.ndarray, np.ndarray]:
-    """The file_states of a data set's audio files, in order: their SHA-256 and the hashes."""
+    """The file_states of a data set's audio files, in order: their SHA-256 and their hashes."""
     return (hashlib.sha256("".join(s[0] for s in states).encode()).hexdigest(),
             np.array([h for s in states for h in s[1]], dtype=np.uint64),
             np.array([h for s in states for h in s[2]], dtype=np.uint64))
@@ -415,8 +400,8 @@ def media_state(states: list[tuple]) -> tuple[str, np.ndarray, np.ndarray]:
 
 @dataclass
 class Fingerprint:
-    """What a run trained on: the records (their content, a hash per record) and the media
-    (sizes and times, a hash per file), so that a change can be said in words."""
+    """What a run trained on: the records (their content, a hash per record) and the media (sizes
+    and times, a hash per file), so that a change can be said in words."""
     records: str
     media: str
     hashes: np.ndarray  # uint64, one per record of the data set, valid or not
@@ -447,60 +432,61 @@ class Fingerprint:
         return ", ".join(words) or "the records now use other audio files"
 
 
-class Dataset:
-    """The valid samples of a data set, as validation left them: token ids and supervision
-    masks (concatenated), each sample's audio segments (file, window, direction) and expanded
-    length, the invalid records, and the fingerprint. Arrays are memory-mapped, so every rank
-    and DataLoader worker shares one copy; codes are read and range-checked in __getitem__."""
+ARRAYS = dict(ids=np.int32, supervised=bool, id_offsets=np.int64, seg_file=np.int32,
+              seg_offset=np.float64, seg_duration=np.float64, seg_out=bool, seg_offsets=np.int64,
+              lengths=np.int32, hashes=np.uint64, media_paths=np.uint64, media_states=np.uint64,
+              sources=bytes)
 
-    ARRAYS = ("ids", "supervised", "id_offsets", "seg_file", "seg_offset", "seg_duration",
-              "seg_out", "seg_offsets", "lengths", "hashes", "media_paths", "media_states")
+
+class Dataset:
+    """The valid samples of a data set as validation left them: token ids and supervision masks
+    (concatenated), each sample's audio segments (file, window, direction) and expanded length,
+    the invalid records and the fingerprint. The arrays are memory-mapped, so every rank and
+    DataLoader worker shares one copy; codes are read and range-checked by __getitem__."""
 
     def __init__(self, folder: str, spec: Spec):
         self.folder, self.spec = folder, spec
         with open(os.path.join(folder, "meta.json")) as f:
             self.meta = json.load(f)
-        for name in self.ARRAYS:
+        for name in ARRAYS:
             setattr(self, name, np.load(os.path.join(folder, name + ".npy"), mmap_mode="r"))
         with open(os.path.join(folder, "files.json")) as f:
             self.files = json.load(f)
         self.invalid = [Invalid(*x) for x in self.meta["invalid"]]
         self.fingerprint = Fingerprint(self.meta["records"], self.meta["media"], self.hashes,
                                        self.media_paths, self.media_states)
-        self._sources = None
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> Sample:
+        """Sample i, its codes read from the sidecars validation checked (and their values)."""
         if not 0 <= i < len(self):
             raise IndexError(i)
-        ids = torch.from_numpy(self.ids[self.id_offsets[i]:self.id_offsets[i + 1]].astype(np.int64))
-        labels = torch.where(torch.from_numpy(
-            np.array(self.supervised[self.id_offsets[i]:self.id_offsets[i + 1]])), ids, IGNORE)
+        cfg, tokens = self.spec.cfg, slice(self.id_offsets[i], self.id_offsets[i + 1])
+        ids = torch.from_numpy(self.ids[tokens].astype(np.int64))
+        labels = torch.where(torch.from_numpy(np.array(self.supervised[tokens])), ids, IGNORE)
         segments = []
         for s in range(self.seg_offsets[i], self.seg_offsets[i + 1]):
-            f, raw = self.files[self.seg_file[s]]
-            part = AudioPart(None if raw else f, f if raw else None,
-                             *(None if math.isnan(x) else float(x)
-                               for x in (self.seg_offset[s], self.seg_duration[s])))
-            try:
-                segments.append(load_segment(part, "", bool(self.seg_out[s]), self.spec.cfg,
-                                             f or "raw_audio"))
-            except DataError as e:
-                raise DataError(f"{self.source(i)}: {e} (`python data.py check` reads every "
-                                "sidecar)")
+            (f, raw), is_out = self.files[self.seg_file[s]], bool(self.seg_out[s])
+            part = AudioPart(None if raw else f, f if raw else None, *(
+                None if math.isnan(x) else float(x) for x in (self.seg_offset[s],
+                                                               self.seg_duration[s])))
+            codes = torch.from_numpy(np.ascontiguousarray(codes_values(
+                codes_path(f), cfg.audio_num_codebooks, cfg.audio_codebook_size, self.source(i),
+                window(part, CODES_FRAME_RATE, math.ceil)))) \
+                if is_out or cfg.encode_audio_in_tokens else None
+            wav = load_audio(part, "", WHISPER_SAMPLE_RATE, self.source(i)) \
+                if not is_out and cfg.uses_whisper else None
+            segments.append(AudioSegment(codes, wav, is_out))
         return Sample(ids, labels, segments, self.source(i))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
     def source(self, i: int) -> str:
-        """Where sample i is (file:line (record N)), read from the index when first needed."""
-        if self._sources is None:
-            with open(os.path.join(self.folder, "sources.json")) as f:
-                self._sources = json.load(f)
-        return self._sources[i]
+        """Where sample i is: file:line (record N)."""
+        return self.sources[i].decode()
 
     def unchanged(self, path: str) -> bool:
         if self.meta["records"] != records_digest(path):
@@ -511,15 +497,16 @@ class Dataset:
 
     @staticmethod
     def write(folder: str, path: str, spec: Spec, workers: int) -> None:
-        """Validate `path` and write its index to `folder` (a temporary folder renamed into place,
-        so a reader never sees half an index)."""
+        """Validate `path` and write its index into `folder` (renamed into place: no reader sees
+        half an index)."""
         records = records_digest(path)
-        _, fmt, base_dir, parts = validate(path, spec, workers=workers)
-        files, arrays, sources, media = {}, {n: [] for n in Dataset.ARRAYS}, [], {}
+        _, fmt, _, parts = validate(path, spec, workers=workers)
+        files, arrays, media = {}, {n: [] for n in ARRAYS}, {}
         for part in parts:
             for name in ("ids", "supervised", "lengths", "hashes"):
                 arrays[name] += part[name]
-            sources += part["source"]
+            arrays["sources"] += [s.encode() for s in part["source"]]
+            media.update(part["media"])
             for segs in part["segments"]:
                 for f, raw, offset, duration, is_out in segs:
                     arrays["seg_file"].append(files.setdefault((f, raw), len(files)))
@@ -527,32 +514,25 @@ class Dataset:
                     arrays["seg_duration"].append(math.nan if duration is None else duration)
                     arrays["seg_out"].append(is_out)
                 arrays["seg_offsets"].append(len(segs))
-            media.update(part["media"])
         audio = sorted(media)
         digest, arrays["media_paths"], arrays["media_states"] = media_state([media[f] for f in audio])
-        meta = dict(version=INDEX_VERSION, format=fmt, path=os.path.abspath(path), records=records,
-                    media=digest,
-                    invalid=[(x.index, x.source, x.reason) for p in parts for x in p["invalid"]])
         n_ids = [len(x) for x in arrays["ids"]]
-        arrays["ids"] = np.concatenate(arrays["ids"]) if n_ids else []
-        arrays["supervised"] = np.concatenate(arrays["supervised"]) if n_ids else []
+        for name in ("ids", "supervised"):
+            arrays[name] = np.concatenate(arrays[name]) if n_ids else []
         arrays["id_offsets"] = np.concatenate([[0], np.cumsum(n_ids)])
         arrays["seg_offsets"] = np.concatenate([[0], np.cumsum(arrays["seg_offsets"])])
-        tmp = f"{folder}.tmp{os.getpid()}"
+        tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
-        for name, dtype in dict(ids=np.int32, supervised=bool, id_offsets=np.int64,
-                                seg_file=np.int32, seg_offset=np.float64, seg_duration=np.float64,
-                                seg_out=bool, seg_offsets=np.int64, lengths=np.int32,
-                                hashes=np.uint64, media_paths=np.uint64,
-                                media_states=np.uint64).items():
+        for name, dtype in ARRAYS.items():
             np.save(os.path.join(tmp, name + ".npy"), np.asarray(arrays[name], dtype=dtype))
-        for name, content in (("meta.json", meta), ("files.json", sorted(files, key=files.get)),
-                              ("sources.json", sources)):
+        meta = dict(version=INDEX_VERSION, format=fmt, path=os.path.abspath(path), records=records,
+                    media=digest, invalid=[(x.index, x.source, x.reason) for p in parts
+                                           for x in p["invalid"]])
+        for name, content in (("meta.json", meta), ("files.json", sorted(files, key=files.get))):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f)
-        with open(os.path.join(tmp, "audio_files.txt"), "w") as f:  # the files of the media state
+        with open(os.path.join(tmp, "audio_files.txt"), "w") as f:  # whose state is the media's
             f.writelines(a + "\n" for a in audio)
-        old = f"{folder}.old{os.getpid()}"
         if os.path.isdir(folder):
             os.rename(folder, old)
         os.rename(tmp, folder)
@@ -578,7 +558,7 @@ def index_folder(path: str, spec: Spec) -> str:
 
 
 def open_dataset(path: str, spec: Spec, workers: int | None = None, log=print) -> Dataset:
-    """The Dataset of `path`: its index when the data is unchanged since it was written, else
+    """The Dataset of `path`: its index if the data is unchanged since it was written, else
     validated anew (by `workers` processes) and indexed."""
     folder = index_folder(path, spec)
     if os.path.isfile(os.path.join(folder, "meta.json")):
@@ -598,8 +578,8 @@ def open_dataset(path: str, spec: Spec, workers: int | None = None, log=print) -
 
 def load_dataset(path: str, tokenizer, cfg, max_seq_len: int | None = None, fmt: str = "auto",
                  require_audio: bool = True) -> tuple[list[Sample], list[Invalid]]:
-    """The samples of the valid records of a small data file or folder, read whole (every codes
-    value checked, nothing cached), and the invalid ones with reasons."""
+    """The samples of the valid records of a small data set, read whole (every codes value
+    checked, nothing kept on disk), and the invalid ones with reasons."""
     items, fmt, base_dir, parts = validate(path, Spec(cfg, tokenizer, max_seq_len, require_audio,
                                                       values=True), fmt)
     samples = [make_sample(to_record(*items[i], fmt, base_dir, i), tokenizer, cfg)
@@ -611,27 +591,23 @@ def load_dataset(path: str, tokenizer, cfg, max_seq_len: int | None = None, fmt:
 # python data.py check
 
 
-def count_codebooks(task) -> Counter:
-    """Codebook counts of the sidecars of a chunk of records (headers only)."""
+def count_codebooks(task) -> dict:
+    """{sidecar: codebook count} of a chunk of records (headers only; unreadable ones are
+    reported by validation)."""
     items, start, fmt, base_dir = task
-    paths = set()
+    counts = {}
     for index, (source, payload) in enumerate(items, start):
         try:
-            record = to_record(source, payload, fmt, base_dir, index)
-        except DataError:
-            continue
-        paths |= {codes_path(p) for p in audio_paths([record])}
-    counts = Counter()
-    for path in paths:
-        try:
-            counts[np.load(path, mmap_mode="r").shape[0]] += 1
-        except Exception:  # noqa: BLE001 - missing or unreadable sidecars are reported by validation
+            for path in map(codes_path, audio_paths([to_record(source, payload, fmt, base_dir,
+                                                                index)])):
+                counts[path] = npy_header(path)[0][0]
+        except (DataError, OSError, ValueError, IndexError):
             continue
     return counts
 
 
 def audio_problem(task) -> str | None:
-    """Why a (readable) audio file looks wrong: low sample rate, undecodable, near-silent, clipped."""
+    """Why a readable audio file looks wrong: low sample rate, undecodable, near-silent, clipped."""
     path, samplerate = task
     if samplerate < 16000:
         return f"{samplerate} Hz: band-limited speech, the model would learn its muffled sound"
@@ -650,17 +626,18 @@ def audio_problem(task) -> str | None:
 
 def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: int = 4096,
           allow_text_only: bool = False, workers: int = 1, audio_checks: int = -1) -> int:
-    """`python data.py check`: validate everything training would (and every codes value), print
-    a report, and return the exit code (0 all valid, 1 some records invalid)."""
+    """`python data.py check`: validate what training would (and every codes value), print a
+    report; the exit code is 0 if every record is valid, else 1."""
     if model:
         (tokenizer, cfg), counts = model_spec(model), Counter()
     else:  # the released shape with the codebook count most sidecars have
-        _, fmt, _, parts = validate(path, None, fmt, workers, count_codebooks)
-        counts = sum(parts, Counter())
+        files = {k: v for part in validate(path, None, fmt, workers, count_codebooks)[3]
+                 for k, v in part.items()}
+        counts = Counter(files.values())
         tokenizer, cfg = None, HiggsConfig(audio_num_codebooks=counts.most_common(1)[0][0]
                                            if counts else 8)
-    spec = Spec(cfg, tokenizer, max_seq_len, not allow_text_only, values=True)
-    items, fmt, _, parts = validate(path, spec, fmt, workers)
+    items, fmt, _, parts = validate(path, Spec(cfg, tokenizer, max_seq_len, not allow_text_only,
+                                               values=True), fmt, workers)
     invalid = sorted((x for p in parts for x in p["invalid"]), key=lambda x: x.index)
     col = lambda key: [x for p in parts for x in p[key]]  # noqa: E731
     sources, speakers, seconds, chars = col("source"), col("speaker"), col("seconds"), col("chars")
@@ -705,12 +682,11 @@ def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: i
     if len(decoded) < len(files):
         print(f"audio checks (silence, clipping): {len(decoded)} of {len(files)} files decoded "
               "(--audio_checks)")
-    if flags:
-        print(f"flagged ({len(flags)}; kept, but worth a look):")
-        print("\n".join(f"  {f}" for f in flags))
-    if invalid:
-        print(f"invalid ({len(invalid)}; training stops on them, or drops them with --skip_invalid):")
-        print("\n".join(f"  {x.reason}" for x in invalid))
+    for title, lines in ((f"flagged ({len(flags)}; kept, but worth a look):", flags),
+                         (f"invalid ({len(invalid)}; training stops on them, or drops them with "
+                          "--skip_invalid):", [x.reason for x in invalid])):
+        if lines:
+            print(title + "".join(f"\n  {line}" for line in lines))
     return 1 if invalid else 0
 
 
@@ -720,17 +696,15 @@ def check(path: str, model: str | None = None, fmt: str = "auto", max_seq_len: i
 
 def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "auto",
             batch_size: int = 16, write_chatml: bool = False) -> int:
-    """`python data.py prepare`: encode every audio file the records use with the audio tokenizer
-    and write its `.codes.npy` sidecar (and its provenance); valid sidecars are kept, so a rerun
-    resumes, and stale ones re-encoded. Returns the exit code (0 done, 1 some records or files
-    failed)."""
+    """`python data.py prepare`: encode every audio file the records use and write its sidecar
+    and provenance; valid sidecars are kept (a rerun resumes), stale ones encoded again. The exit
+    code is 0 if done, 1 if some records or files failed."""
     records, invalid, fmt = read_records(path, fmt)
     for x in invalid:
         print(f"skipped: {x.reason}")
     device, _ = resolve_device(device)
     model = load_audio_tokenizer(tokenizer_dir, device)
-    files = sorted(audio_paths(records))
-    todo, failed = [], []
+    files, todo, failed = sorted(audio_paths(records)), [], []
     for f in files:
         try:
             info = audio_info(AudioPart(f), "", f)
@@ -749,9 +723,8 @@ def prepare(path: str, tokenizer_dir: str, fmt: str = "auto", device: str = "aut
         base = os.path.normpath(path)
         out = (base if os.path.isdir(path) else os.path.splitext(base)[0]) + ".chatml.jsonl"
         with open(out, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(record_to_json(r, os.path.dirname(os.path.abspath(out))),
-                                   ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(record_to_json(r, os.path.dirname(os.path.abspath(out))),
+                                    ensure_ascii=False) + "\n" for r in records)
         print(f"wrote {out} ({len(records)} ChatML records)")
     for reason in failed:
         print(f"failed: {reason}")

@@ -1,13 +1,9 @@
-"""Where the work runs: one process per GPU under torchrun (DDP, NCCL) or one process on CPU/GPU,
-the device and dtype of a run, and bf16 autocast on GPU."""
-from __future__ import annotations
-
+"""Where a run works: one process per GPU under torchrun (DDP, NCCL) or one process on CPU/GPU."""
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from errors import ConfigError
 
@@ -24,15 +20,13 @@ class Dist:
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto", local_rank: int = 0):
-    """(torch.device, parameter dtype): `auto` is cuda + bfloat16 when a GPU is present, else
-    cpu + float32."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible to torch; use --device cpu (or auto)")
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if dtype == "auto":
-        dtype = "bfloat16" if kind == "cuda" else "float32"
-    return (torch.device(kind, local_rank) if kind == "cuda" else torch.device("cpu"),
-            getattr(torch, dtype))
+    """(torch.device, parameter dtype): `auto` is cuda + bfloat16 with a GPU, else cpu + float32."""
+    gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if gpu and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to torch; "
+                          "use --device cpu (or auto)")
+    dtype = ("bfloat16" if gpu else "float32") if dtype == "auto" else dtype
+    return torch.device("cuda", local_rank) if gpu else torch.device("cpu"), getattr(torch, dtype)
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -42,7 +36,7 @@ def init_distributed(device: torch.device) -> Dist:
     d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         torch.cuda.set_device(d.local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return d
 
 
@@ -51,7 +45,6 @@ def local_rank() -> int:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """The context a forward runs in: bf16 autocast on GPU (fp32 LoRA masters, bf16 compute)."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast on GPU: the LoRA masters stay fp32, the compute runs in bf16."""
+    bf16 = device.type == "cuda" and dtype == torch.bfloat16
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()

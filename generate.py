@@ -4,17 +4,12 @@
         --text "..." ["..." ...] --out OUT.wav [--tokenizer AUDIO_TOKENIZER]
     python generate.py --model CKPT [--adapter DIR] --data PROMPTS.jsonl --out_dir DIR [...]
 
-Mirrors the official serve engine + `HiggsAudioModel.generate` (OFFICIAL.md section 10): the
-ChatML prompt, then `<|start_header_id|>assistant<|end_header_id|>\\n\\n<|audio_out_bos|>`; the
-first audio position is fed an all-stream-BOS frame, each step feeds the last frame and picks the
-next one per codebook; with the delay pattern codebook k is held at BOS for its first k frames,
-and once a codebook emits stream EOS the codebooks before it are forced to EOS and one more
-codebook is forced per step (the official countdown, with its one-step lag) until all have ended.
-Generation stops when the audio ends (the official loop would go on with text tokens). Each
-output is checked by health.py; train.py --sample_every uses the same Listener.
+Mirrors the official serve engine + `HiggsAudioModel.generate` (OFFICIAL.md section 10), but
+stops when the audio ends (the official loop would go on with text tokens). health.py checks it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -42,6 +37,7 @@ from lora import load_adapter, load_base
 from model import KVCache, StaticKVCache, fuse_projections
 
 GENERATION_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
+CHECK_EVERY = 8  # frames between the fixed-shape loop's looks at whether every row has ended
 
 
 @dataclass
@@ -51,8 +47,7 @@ class Sampling:
     top_k: int = option(50, "sample among the k most likely codes; 0: all", min=0)
     top_p: float = option(0.95, "sample within this probability mass; 1: all", above=0, max=1)
     ras_window: int = option(7, "repetition-aware sampling: frames looked back at; 0: off", min=0)
-    ras_max_repeat: int = option(2, "a code seen this often in the window is re-drawn from the raw "
-                                 "distribution", min=1)
+    ras_max_repeat: int = option(2, "a code this often in the window is drawn again", min=1)
     seed: int = option(0, "seed of the draws: the same seed gives the same audio")
     max_seconds: float = option(30.0, "frame limit, in seconds of audio", above=0, max=600)
 
@@ -75,34 +70,25 @@ class Generated:
     ended: bool  # every codebook reached stream EOS before the frame limit
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompts
-
-
 def prompt_of(record: Record, tokenizer, cfg) -> Prompt:
-    """A record's generation prompt: its turns up to the last user turn (a cloning record's target
-    is left out), then the assistant header and <|audio_out_bos|>, tokenized and collated exactly
-    as in training. The reference is the last audio of those turns."""
+    """A record's turns up to its last user turn, then GENERATION_PREFIX, as training tokenizes."""
     users = [i for i, m in enumerate(record.messages) if m.role == "user"]
     if not users:
         raise DataError(f"{record.source}: no user turn holding the text to speak")
     turns = record.messages[:users[-1] + 1]
-    sample = make_sample(dataclasses.replace(record, messages=turns, start_index=None), tokenizer,
-                         cfg)
+    sample = make_sample(dataclasses.replace(record, messages=turns, start_index=None),
+                         tokenizer, cfg)
     suffix = torch.tensor(tokenizer.encode(GENERATION_PREFIX, add_special_tokens=False))
     sample = Sample(torch.cat([sample.input_ids, suffix]),
                     torch.cat([sample.label_ids, torch.full_like(suffix, IGNORE)]),
                     sample.audios, sample.source)
     parts = [p for m in turns for p in m.content if isinstance(p, AudioPart)]
-    reference, codes = None, None
+    reference = None
     if parts:
-        codes = sample.audios[-1].codes
-        try:  # the waveform is only for the checks; the prompt needs the codes alone
+        with contextlib.suppress(DataError):  # the waveform is only for the checks
             reference = load_audio(parts[-1], record.base_dir, CODES_SAMPLE_RATE, record.source)
-        except DataError:
-            pass
-    return Prompt(sample, _text(turns[-1]), reference, codes, _speaking_rate(turns, sample),
-                  record.source)
+    return Prompt(sample, _text(turns[-1]), reference, sample.audios[-1].codes if parts else None,
+                  _speaking_rate(turns, sample), record.source)
 
 
 def _text(message) -> str:
@@ -110,12 +96,10 @@ def _text(message) -> str:
 
 
 def _speaking_rate(turns, sample: Sample) -> float | None:
-    """Characters per second over the text-only user turns answered by one assistant audio
-    (the transcribed references)."""
+    """Characters per second of the references transcribed by the user turn before them."""
     chars, seconds, audio_i = 0, 0.0, 0
-    for i, m in enumerate(turns):
+    for before, m in zip([None] + turns[:-1], turns):
         audios = [p for p in m.content if isinstance(p, AudioPart)]
-        before = turns[i - 1] if i else None
         if m.role == "assistant" and len(m.content) == len(audios) == 1 and before and \
                 before.role == "user" and all(isinstance(p, TextPart) for p in before.content):
             chars += len(_text(before))
@@ -125,8 +109,7 @@ def _speaking_rate(turns, sample: Sample) -> float | None:
 
 
 def load_prompts(path: str, count: int, tokenizer, cfg) -> list[Prompt]:
-    """Prompts of the first `count` records of a data file (any format data.py reads). Their
-    expected durations use the data set's speaking rate: the median over all prompts."""
+    """A data file's first `count` prompts, at their median speaking rate (one is too noisy)."""
     prompts = [prompt_of(r, tokenizer, cfg) for r in load_records(path)[:count]]
     rates = [p.chars_per_second for p in prompts if p.chars_per_second]
     median = float(np.median(rates)) if rates else None
@@ -140,13 +123,8 @@ def cloning_prompt(ref_audio: str, ref_text: str, text: str, tokenizer, cfg) -> 
                      tokenizer, cfg)
 
 
-# ----------------------------------------------------------------------------------------------
-# Decoding
-
-
 def pick(scores: torch.Tensor, s: Sampling, generator) -> torch.Tensor:
-    """Per-codebook choice from (..., V) logits: greedy, or temperature / top-k / top-p sampling
-    (transformers' warpers, in that order)."""
+    """Per-codebook choice from (..., V) logits: greedy, or transformers' warpers in its order."""
     if s.temperature <= 0:
         return scores.argmax(-1)
     x = scores / s.temperature
@@ -167,99 +145,69 @@ def draw(scores: torch.Tensor, generator) -> torch.Tensor:
                              generator=generator).view(probs.shape[:-1])
 
 
-# Frames between the fast loop's looks at whether every row has ended
-CHECK_EVERY = 8
-# How the fixed-shape decode step runs on CUDA: "compile" (torch.compile mode reduce-overhead:
-# fused kernels, replayed as CUDA graphs) or "cuda_graph" (the eager step captured as one graph)
-CUDA_DECODE = "compile"
-
-
 @torch.no_grad()
 def generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool = True,
              decode: str = "auto") -> list[Generated]:
-    """Voice-cloning generation for a batch of prompts (right-padded; each row keeps its own
-    positions). The prompts run once (forward_cached); then each frame is one run of `decode`:
-    "eager", "compile" or "cuda_graph" (DecodeStep: the model's fixed-shape step over a static
-    cache; "auto" is CUDA_DECODE on CUDA, eager elsewhere), or "dynamic" (forward_cached with a
-    cache grown by torch.cat, the static cache's reference). use_cache=False recomputes the whole
-    prefix every step (the cache's reference). Runs in eval mode (the mode is restored). The loop
-    never waits for the device: every
-    CHECK_EVERY frames it looks whether all rows have ended and reads the answer of the look
-    before (LaggedFlag); frames past a row's end leave it as it was."""
+    """Voice cloning for right-padded prompts, in eval mode. `decode`: DecodeStep "eager" or
+    "compile" ("auto": compile on CUDA), or "dynamic" (growing_step; use_cache=False: no cache)."""
     was_training = model.training
-    model.eval()
-    try:
-        return _generate(model, prompts, s, use_cache, decode)
+    try:  # the loop never waits for the device (LaggedFlag); frames past a row's end change nothing
+        model.eval()
+        cfg, device, B = model.cfg, model.norm.weight.device, len(prompts)
+        K, bos, eos = cfg.audio_num_codebooks, cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
+        batch = Collator(cfg)([p.sample for p in prompts]).to(device)
+        prompt, n_frames = prompt_inputs(model, batch), round(s.max_seconds * CODES_FRAME_RATE)
+        if use_cache and decode != "dynamic":
+            step, check_every = fixed_step(model, prompt, n_frames, decode), CHECK_EVERY
+        else:
+            step, check_every = growing_step(model, prompt, use_cache), 1
+        # repetition-aware sampling looks back over each row's audio-out frames, reference included
+        out_codes = batch.audio_codes[torch.isin(batch.audio_index, batch.audio_out_index)]
+        rows, window = batch.audio_out_index // batch.input_ids.shape[1], max(s.ras_window, 1)
+        pad = torch.full((window, K), -1, dtype=torch.long, device=device)
+        recent = torch.stack([torch.cat([pad, out_codes[rows == b]])[-window:] for b in range(B)])
+        generator = torch.Generator(device).manual_seed(s.seed)
+        frame = torch.full((B, K), bos, dtype=torch.long, device=device)
+        stream, start = [frame], batch.attention_mask.sum(1)
+        zeros = torch.zeros(B, dtype=torch.long, device=device)
+        # remaining: the EOS countdown (-1: none); lengths: the columns of each row's stream
+        n_delay, remaining, lengths, active = zeros, zeros - 1, zeros + 1, zeros == 0
+        compiled = getattr(step, "mode", "") == "compile"  # the bookkeeping too: fused kernels
+        delay = compiled_delay_pattern() if compiled else delay_pattern
+        all_ended = LaggedFlag(device)
+        for t in range(n_frames):
+            logits = step(frame, start + t, active)  # (B, K, rows)
+            new = pick(logits, s, generator)
+            recent = torch.cat([recent[:, 1:], frame[:, None]], 1)
+            if s.ras_window > 0:
+                repeats = (recent == new[:, None]).sum(1)
+                new = torch.where(repeats >= s.ras_max_repeat, draw(logits, generator), new)
+            if cfg.use_delay_pattern:
+                new, n_delay, remaining, ending = delay(new, n_delay, remaining, bos, eos)
+            else:  # the official loop never ends a stream without the delay pattern; this does
+                ending = (new == eos).any(1)
+                new = torch.where(ending[:, None], eos, new)
+            frame = torch.where(active[:, None], new, frame)
+            stream.append(frame)
+            lengths = torch.where(active, len(stream), lengths)
+            active = active & ~ending
+            if (t + 1) % check_every == 0 and all_ended(~active.any()):
+                break
+        stream = torch.stack(stream, 2).cpu()
+        rows = [stream[b, :, :n] for b, n in enumerate(lengths.tolist())]
+        return [Generated(r, revert(r, cfg), e) for r, e in zip(rows, (~active).tolist())]
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts: list[Prompt], s: Sampling, use_cache: bool, decode: str):
-    cfg = model.cfg
-    K, bos, eos = cfg.audio_num_codebooks, cfg.audio_stream_bos_id, cfg.audio_stream_eos_id
-    device = model.norm.weight.device
-    batch = Collator(cfg)([p.sample for p in prompts]).to(device)
-    B = len(prompts)
-    prompt = prompt_inputs(model, batch)
-    n_frames = round(s.max_seconds * CODES_FRAME_RATE)
-    if use_cache and decode != "dynamic":
-        step, check_every = fixed_step(model, prompt, n_frames, decode), CHECK_EVERY
-    else:
-        step, check_every = growing_step(model, prompt, use_cache), 1
-    # repetition-aware sampling looks back over each row's audio-out frames, reference included
-    out_codes = batch.audio_codes[torch.isin(batch.audio_index, batch.audio_out_index)]
-    rows = batch.audio_out_index // batch.input_ids.shape[1]
-    window = max(s.ras_window, 1)
-    recent = torch.full((B, window, K), -1, dtype=torch.long, device=device)
-    for b in range(B):
-        mine = out_codes[rows == b][-window:]
-        recent[b, window - len(mine):] = mine
-    generator = torch.Generator(device).manual_seed(s.seed)
-    frame = torch.full((B, K), bos, dtype=torch.long, device=device)
-    stream = [frame]
-    n_delay = torch.zeros(B, dtype=torch.long, device=device)
-    remaining = torch.full((B,), -1, dtype=torch.long, device=device)  # EOS countdown; -1 = none
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    lengths = torch.ones(B, dtype=torch.long, device=device)  # columns of each row's stream
-    start = batch.attention_mask.sum(1)
-    # with a compiled step the bookkeeping is compiled too: fused kernels, not twenty small ones
-    delay = compiled_delay_pattern() if getattr(step, "mode", "eager") != "eager" else delay_pattern
-    all_ended = LaggedFlag(device)
-    for t in range(n_frames):
-        logits = step(frame, start + t, active)  # (B, K, rows)
-        new = pick(logits, s, generator)
-        recent = torch.cat([recent[:, 1:], frame[:, None]], 1)
-        if s.ras_window > 0:
-            repeats = (recent == new[:, None]).sum(1)
-            new = torch.where(repeats >= s.ras_max_repeat, draw(logits, generator), new)
-        if cfg.use_delay_pattern:
-            new, n_delay, remaining, ending = delay(new, n_delay, remaining, bos, eos)
-        else:  # the official loop never ends a stream without the delay pattern; this does
-            ending = (new == eos).any(1)
-            new = torch.where(ending[:, None], eos, new)
-        frame = torch.where(active[:, None], new, frame)
-        stream.append(frame)
-        lengths = torch.where(active, len(stream), lengths)
-        active = active & ~ending
-        if (t + 1) % check_every == 0 and all_ended(~active.any()):
-            break
-    stream, lengths, ended = torch.stack(stream, 2).cpu(), lengths.tolist(), (~active).tolist()
-    return [Generated(stream[b, :, :lengths[b]], revert(stream[b, :, :lengths[b]], cfg), ended[b])
-            for b in range(B)]
-
-
 def prompt_inputs(model, batch) -> tuple:
-    """forward_cached's inputs for a collated batch of prompts (the prefill): embeddings,
-    positions, audio and padding masks."""
+    """forward_cached's inputs (the prefill) for a collated batch of prompts."""
     return model.embed(batch), batch.position_ids, batch.audio_mask, batch.attention_mask
 
 
 def delay_pattern(new, n_delay, remaining, bos: int, eos: int):
-    """The official _sample_audio_tokens on a frame of choices `new` (B, K): codebook k stays BOS
-    until the row's k-th frame; once one codebook says EOS, that and the codebooks before it
-    say EOS, and each later one follows a frame later. n_delay counts the frames begun (up to
-    K-1), remaining the frames left of a row's EOS run (-1: none yet). Returns the frame, the
-    new n_delay and remaining, and the rows that end with it."""
+    """The official _sample_audio_tokens on choices `new` (B, K): BOS delay, then the EOS countdown
+    (remaining, -1: none). Returns the frame, new n_delay and remaining, and the rows ending."""
     K = new.shape[1]
     k = torch.arange(K, device=new.device)
     new = torch.where(k > n_delay[:, None], bos, new)
@@ -275,16 +223,13 @@ def delay_pattern(new, n_delay, remaining, bos: int, eos: int):
 
 @functools.cache
 def compiled_delay_pattern():
-    """delay_pattern compiled (on first use: importing the compiler takes seconds)."""
+    """delay_pattern compiled on first use (importing the compiler takes seconds)."""
     return torch.compile(delay_pattern, dynamic=False)
 
 
 class LaggedFlag:
-    """A device bool read on the host without waiting for the device (which would idle while
-    the host queued the next frame): a look returns the value of the last copy that has
-    arrived, and starts a new copy once it has; False until the first arrives. So the loop runs
-    past the end by as many check windows as the host is ahead of the device (one or two while
-    the device is busy). On the CPU it answers at once."""
+    """A device bool read on the host without making the device idle: a look returns the last copy
+    that has arrived (False before any) and starts a new one."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -303,8 +248,7 @@ class LaggedFlag:
 
 
 def growing_step(model, prompt: tuple, use_cache: bool):
-    """The reference decode step: forward_cached over a KVCache that grows by one column a frame
-    (use_cache), or over the whole prefix again; (frame, positions, active) -> next logits."""
+    """The reference step: forward_cached on a growing KVCache, or on the whole prefix again."""
     chunks, cache = [prompt], KVCache(len(model.layers))
     if use_cache:
         model.forward_cached(*prompt, cache)
@@ -323,43 +267,33 @@ def growing_step(model, prompt: tuple, use_cache: bool):
 
 
 def fixed_step(model, prompt: tuple, n_frames: int, decode: str) -> "DecodeStep":
-    """Prefill the prompt with forward_cached and start the model's DecodeStep from its cache.
-    The cache length is rounded up to a multiple of 64: whole tiles for attention kernels, and
-    prompt sets of about the same length share one compiled step."""
+    """The model's DecodeStep from the prompt's prefill; 64-column lengths share compiled steps."""
     B, L = prompt[0].shape[:2]
     prefill = KVCache(len(model.layers))
     model.forward_cached(*prompt, prefill)
     if decode == "auto":
-        decode = CUDA_DECODE if prompt[0].is_cuda else "eager"
+        decode = "compile" if prompt[0].is_cuda else "eager"
     step = DecodeStep.of(model, B, -(-(L + n_frames) // 64) * 64, decode)
     step.cache.load(prefill)
     return step
 
 
 class DecodeStep:
-    """model.decode_step over a StaticKVCache and static input buffers, for one batch size and
-    cache length, run "eager", through torch.compile ("compile") or as one captured CUDA graph
-    ("cuda_graph"). Kept on the model (model.decode_step_cache) and reused while the shapes and
-    the parameters' storage stay the same, so train.py's samplings every N steps compile once;
-    the optimizer updates parameters in place, which a compiled or captured step reads. A
-    captured graph also keeps the Python-side choices made when it was built (eval mode,
-    unmerged LoRA); torch.compile guards on them."""
+    """model.decode_step over static buffers, kept on the model while shapes and parameter storage
+    stay: train.py's samplings compile once, as the optimizer updates parameters in place."""
 
     def __init__(self, model, batch_size: int, max_len: int, mode: str):
-        cfg, device = model.cfg, model.norm.weight.device
+        if mode not in ("eager", "compile"):
+            raise ValueError(f"decode {mode!r}: expected auto, dynamic, eager or compile")
+        cfg, device, dtype = model.cfg, model.norm.weight.device, model.embed_tokens.weight.dtype
         self.model, self.mode = model, mode
-        self.cache = StaticKVCache(cfg, batch_size, max_len, model.embed_tokens.weight.dtype,
-                                   device)
+        self.cache = StaticKVCache(cfg, batch_size, max_len, dtype, device)
         self.codes = torch.full((batch_size, cfg.audio_num_codebooks), cfg.audio_stream_bos_id,
                                 dtype=torch.long, device=device)
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.active = torch.ones(batch_size, dtype=torch.bool, device=device)
         t0 = time.perf_counter()
-        runs = {"eager": lambda: self.forward, "compile": self.compile,
-                "cuda_graph": self.capture}
-        if mode not in runs:
-            raise ValueError(f"decode {mode!r}: expected auto, dynamic or one of {list(runs)}")
-        self.run = runs[mode]()
+        self.run = self.compile() if mode == "compile" else self.forward
         self.build_seconds = time.perf_counter() - t0
         if mode != "eager":
             print(f"decode step ({mode}, batch {batch_size}, {max_len} positions) compiled in "
@@ -367,25 +301,22 @@ class DecodeStep:
 
     @classmethod
     def of(cls, model, batch_size: int, max_len: int, mode: str) -> "DecodeStep":
-        """The model's step for these shapes, or a new one in its place (a CUDA graph holds the
-        addresses of the parameters: new storage needs a new capture)."""
+        """The model's step for these shapes and parameter addresses (a CUDA graph holds them)."""
         key = (batch_size, max_len, mode,
                tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
         step = getattr(model, "decode_step_cache", None)
         if step is None or step.key != key:
-            model.decode_step_cache = step = None
+            model.decode_step_cache = None
             gc.collect()  # the old step refers to itself: free its buffers before new ones come
-            step = cls(model, batch_size, max_len, mode)
+            model.decode_step_cache = step = cls(model, batch_size, max_len, mode)
             step.key = key
-            model.decode_step_cache = step
         return step
 
     def forward(self) -> torch.Tensor:
         return self.model.decode_step(self.codes, self.positions, self.active, self.cache)
 
     def __call__(self, frame, positions, active) -> torch.Tensor:
-        """The next frame's logits (B, K, rows), valid until the next call; moves on to the
-        next cache column. Device work only."""
+        """The next frame's logits (B, K, rows), valid until the next call. Device work only."""
         self.codes.copy_(frame)
         self.positions.copy_(positions[:, None])
         self.active.copy_(active)
@@ -394,10 +325,7 @@ class DecodeStep:
         return logits
 
     def compile(self):
-        """torch.compile for these shapes. On CUDA, mode reduce-overhead records the compiled
-        step as a CUDA graph; marking every buffer it reads or writes static lets the graph use
-        them in place (no input copies; the cache is written in place). Compiled on the first
-        call, recorded on the next: both here, so the cost is paid once and timed."""
+        """Compiled (on CUDA a CUDA graph using the static buffers in place) and recorded here."""
         cuda = self.codes.is_cuda
         for t in (self.codes, self.positions, self.active, *self.cache.tensors()):
             torch._dynamo.mark_static_address(t)
@@ -412,30 +340,9 @@ class DecodeStep:
             run()
         return run
 
-    def capture(self):
-        """The eager step recorded once as a CUDA graph. Warm-up runs on a side stream first, so
-        lazy initialisation (cuBLAS handles and workspaces, kernel selection) stays out of the
-        capture; each replay reads the static inputs and cache and rewrites the same logits."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self.forward()
-
-        def replay():
-            graph.replay()
-            return logits
-        return replay
-
 
 def revert(stream: torch.Tensor, cfg) -> torch.Tensor:
-    """Audio codes of a stream, as the official serve engine makes them: codebook k shifted back
-    by k, the first (BOS) and last (EOS, or the cut of a stream that hit the limit) columns
-    dropped, clipped to real codes."""
+    """A stream's audio codes as the official serve engine makes them: delay undone, BOS/EOS cut."""
     K, L = stream.shape
     if cfg.use_delay_pattern:
         T = max(L - K + 1, 0)
@@ -443,44 +350,32 @@ def revert(stream: torch.Tensor, cfg) -> torch.Tensor:
     return stream[:, 1:-1].clamp(0, cfg.audio_codebook_size - 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# python generate.py
-
-
 @dataclass
 class GenerateConfig:
     """Zero-shot voice cloning with a checkpoint (and an adapter)"""
-    model: str = option("", "checkpoint: a folder (official, transformers or merged layout, with its "
-                        "text tokenizer), a Hugging Face Hub id, or tiny")
+    model: str = option("", "checkpoint: a folder (official, transformers, merged), Hub id or tiny")
     adapter: str = option("", "LoRA adapter folder or Hub id (adapter_model.safetensors)")
-    ref_audio: str = option("", "reference voice clip; its codes come from REF.codes.npy, or are "
-                            "encoded with --tokenizer")
+    ref_audio: str = option("", "reference voice clip (codes: REF.codes.npy, or --tokenizer)")
     ref_text: str = option("", "transcript of the reference clip")
-    text: list[str] = option(None, "text(s) to speak in the reference voice, generated as one batch",
-                             factory=list)
-    out: str = option("", "OUT.wav: writes OUT.codes.npy, OUT.json, OUT.ref.wav and, with "
-                      "--tokenizer, OUT.wav (several texts: OUT_1.wav, ...)")
-    data: str = option("", "instead of --ref_audio/--ref_text/--text: prompts from a data file "
-                       "(any format), the turns up to each record's last user turn")
+    text: list[str] = option(None, "text(s) to speak in the reference voice", factory=list)
+    out: str = option("", "OUT.wav (several texts: OUT_1.wav, ...), .codes.npy, .json, .ref.wav")
+    data: str = option("", "instead of --ref_audio/--ref_text/--text: prompts from a data file")
     count: int = option(4, "with --data: its first N records", min=1)
     out_dir: str = option("", "with --data: output folder (sampleI.* files)")
     tokenizer: str = option("", "HiggsAudioV2TokenizerModel folder or Hub id: writes WAVs")
     asr_model: str = option("", "speech recognition model (folder or Hub id): word error rate")
     speaker_model: str = option("", "x-vector speaker model (folder or Hub id): speaker similarity")
-    device: str = option("auto", "auto: cuda when a GPU is present", choices=("auto", "cpu", "cuda"))
-    dtype: str = option("auto", "auto: bfloat16 on GPU, float32 on CPU",
-                        choices=("auto", "bfloat16", "float32"))
+    device: str = option("auto", "auto: cuda if a GPU is present", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("auto", "auto: bfloat16 on GPU", choices=("auto", "bfloat16", "float32"))
     sampling: Sampling = field(default_factory=Sampling)
 
     def check(self) -> None:
-        cloning = dict(ref_audio=self.ref_audio, ref_text=self.ref_text, out=self.out)
+        missing = [f"--{k}" for k in "ref_audio ref_text out text".split() if not getattr(self, k)]
         if not self.model:
             raise ConfigError("--model is required (a checkpoint folder, a Hub id, or tiny)")
-        if self.data:
-            if not self.out_dir:
-                raise ConfigError("--data needs --out_dir, the folder the samples go to")
-        elif not all(cloning.values()) or not self.text:
-            missing = [f"--{k}" for k, v in dict(cloning, text=self.text).items() if not v]
+        if self.data and not self.out_dir:
+            raise ConfigError("--data needs --out_dir, the folder the samples go to")
+        if not self.data and missing:
             raise ConfigError(f"missing {', '.join(missing)}: give --ref_audio, --ref_text, "
                               "--text and --out, or --data and --out_dir")
         if any(not t.strip() for t in self.text):
@@ -488,30 +383,25 @@ class GenerateConfig:
 
 
 def generation_prompts(cfg: GenerateConfig, tokenizer, model_cfg, audio_tokenizer):
-    """(prompts, output folder, file stems) of the command line."""
+    """(prompts, output folder, file stems); a reference is encoded as `data.py prepare` does."""
     if cfg.data:
         prompts = load_prompts(cfg.data, cfg.count, tokenizer, model_cfg)
         return prompts, cfg.out_dir, [f"sample{i}" for i in range(len(prompts))]
-    codes = codes_path(cfg.ref_audio)
+    codes, failed = codes_path(cfg.ref_audio), []
     stale = os.path.isfile(cfg.ref_audio) and os.path.isfile(codes) and stale_reason(cfg.ref_audio)
     if stale or not os.path.isfile(codes):
         if audio_tokenizer is None:
             problem = f"are stale ({stale})" if stale else "are missing"
             raise DataError(f"{cfg.ref_audio}: its codes {codes} {problem}; pass --tokenizer "
                             "AUDIO_TOKENIZER to encode it")
-        encode_reference(cfg.ref_audio, audio_tokenizer)
-    prompts = [cloning_prompt(cfg.ref_audio, cfg.ref_text, t, tokenizer, model_cfg) for t in cfg.text]
+        if not encode_files(audio_tokenizer, [cfg.ref_audio], 1, failed):
+            raise DataError(failed[0])
+        print(f"encoded {cfg.ref_audio} -> {codes}")
+    prompts = [cloning_prompt(cfg.ref_audio, cfg.ref_text, t, tokenizer, model_cfg)
+               for t in cfg.text]
     stem = os.path.basename(os.path.splitext(cfg.out)[0])
     names = [stem + (f"_{i + 1}" if len(prompts) > 1 else "") for i in range(len(prompts))]
     return prompts, os.path.dirname(os.path.abspath(cfg.out)), names
-
-
-def encode_reference(path: str, audio_tokenizer) -> None:
-    """Write a reference clip's codes sidecar, as `python data.py prepare` does."""
-    failed = []
-    if not encode_files(audio_tokenizer, [path], 1, failed):
-        raise DataError(failed[0])
-    print(f"encoded {path} -> {codes_path(path)}")
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,5 @@
-"""Health checks of generated speech: what a checkpoint actually says, checked for the usual
-fine-tuning failures (silence, a stream that never ends, loops, a wrong duration), and optional
-scorers (word error rate with a speech recogniser, speaker similarity with an x-vector model).
-README "Listening to checkpoints" says what each failure usually means and what to do.
-"""
+"""Health checks of generated speech for the usual fine-tuning failures, and optional scorers;
+README "Listening to checkpoints" says what each failure means and what to do."""
 from __future__ import annotations
 
 import json
@@ -28,14 +25,13 @@ MIN_SCORED_SECONDS = 0.5  # shorter audio is too little for the scorers' models
 
 
 def frame_rms(wav: torch.Tensor) -> torch.Tensor:
-    """RMS of each 40 ms codes frame (960 samples at 24 kHz)."""
+    """RMS of each 40 ms codes frame."""
     n = len(wav) // CODES_HOP
     return wav[:n * CODES_HOP].view(n, CODES_HOP).float().pow(2).mean(1).sqrt()
 
 
 def silence_code(reference: torch.Tensor | None, codes: torch.Tensor | None) -> int | None:
-    """The first-codebook code the audio tokenizer gives silence, measured on the reference: the
-    most common one over its near-silent frames (None: the reference has none, or no waveform)."""
+    """The first-codebook code of silence: the commonest over the reference's silent frames."""
     if reference is None or codes is None:
         return None
     silent = frame_rms(reference)[:codes.shape[1]] < SILENT_RMS
@@ -65,8 +61,7 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 
 class AsrScorer:
-    """A transformers speech recognition model (Whisper, wav2vec2 CTC, ...) for the word error
-    rate of the generated speech against the prompt text."""
+    """A transformers speech recognition model (Whisper, wav2vec2 CTC, ...) for the WER."""
 
     def __init__(self, path: str, device):
         from transformers import pipeline
@@ -82,8 +77,7 @@ class AsrScorer:
 
 
 class SpeakerScorer:
-    """A transformers x-vector speaker-verification model (WavLMForXVector, ...): cosine
-    similarity of the reference's and the generated speech's speaker embeddings."""
+    """A transformers x-vector model (WavLMForXVector, ...) for speaker similarity (cosine)."""
 
     def __init__(self, path: str, device):
         from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
@@ -108,35 +102,30 @@ class SpeakerScorer:
 def health(codes: torch.Tensor, ended: bool, text: str, chars_per_second: float | None,
            reference: torch.Tensor | None = None, reference_codes: torch.Tensor | None = None,
            wav: torch.Tensor | None = None, asr=None, speaker=None) -> dict:
-    """The health figures of one generation (its codes (K, T), whether every stream ended, the
-    text it speaks at the prompts' speaking rate, the voice reference) and `failed`, the names of
-    the checks it fails. `wav` is the decoded audio, when an audio tokenizer is at hand."""
+    """One generation's health figures and `failed` checks; without `wav`, silence by codes."""
     seconds = codes.shape[1] / CODES_FRAME_RATE
     expected = len(text) / chars_per_second if chars_per_second else None
     ratio = seconds / expected if expected else None
     if wav is not None:
-        rms = frame_rms(wav)
-        silent = float((rms < SILENT_RMS).float().mean()) if len(rms) else None
-    else:
+        silent_frames = frame_rms(wav) < SILENT_RMS
+    else:  # without audio: frames of the reference's silence code, if it has one
         code = silence_code(reference, reference_codes)
-        silent = float((codes[0] == code).float().mean()) \
-            if code is not None and codes.shape[1] else None
+        silent_frames = codes[0] == code if code is not None else codes[0, :0]
+    silent = float(silent_frames.float().mean()) if len(silent_frames) else None
     r = dict(ended=ended, seconds=seconds, expected_seconds=expected, duration_ratio=ratio,
              silent_fraction=silent, loop_seconds=loop_seconds(codes))
     if asr is not None and wav is not None:
         r["wer"], r["heard"] = asr(wav, text)
     if speaker is not None and wav is not None and reference is not None:
         r["speaker_similarity"] = speaker(reference, wav)
-    fails = {
-        "ended": not ended,
-        "duration": ratio is not None and
-        not 1 / SPEAKING_RATE_FACTOR <= ratio <= SPEAKING_RATE_FACTOR,
-        "silence": silent is not None and silent > MAX_SILENT_FRACTION,
-        "loop": r["loop_seconds"] >= MAX_LOOP_SECONDS,
-        "wer": r.get("wer") is not None and r["wer"] > MAX_WER,
-        "speaker": r.get("speaker_similarity") is not None and
-        r["speaker_similarity"] < MIN_SPEAKER_SIMILARITY,
-    }
+    similarity, low = r.get("speaker_similarity"), 1 / SPEAKING_RATE_FACTOR
+    fails = dict(
+        ended=not ended,
+        duration=ratio is not None and not low <= ratio <= SPEAKING_RATE_FACTOR,
+        silence=silent is not None and silent > MAX_SILENT_FRACTION,
+        loop=r["loop_seconds"] >= MAX_LOOP_SECONDS,
+        wer=r.get("wer") is not None and r["wer"] > MAX_WER,
+        speaker=similarity is not None and similarity < MIN_SPEAKER_SIMILARITY)
     r["failed"] = [name for name, bad in fails.items() if bad]
     return r
 
@@ -155,29 +144,26 @@ def describe(r: dict) -> str:
 
 
 class SampleWriter:
-    """Writes generations with their health: per prompt `NAME.codes.npy`, the decoded `NAME.wav`
-    (with an audio tokenizer), the reference as `NAME.ref.wav`, and `NAME.json` (text and health
-    figures). Loads the models it is given onto `device`."""
+    """Writes NAME.codes.npy, NAME.wav (with an audio tokenizer), NAME.ref.wav and NAME.json."""
 
     def __init__(self, device, audio_tokenizer: str = "", asr_model: str = "",
                  speaker_model: str = ""):
-        self.audio_tokenizer = load_audio_tokenizer(audio_tokenizer, device) if audio_tokenizer else None
+        self.audio_tokenizer = load_audio_tokenizer(audio_tokenizer, device) \
+            if audio_tokenizer else None
         self.asr = AsrScorer(asr_model, device) if asr_model else None
         self.speaker = SpeakerScorer(speaker_model, device) if speaker_model else None
 
     def write(self, prompts: list, results: list, out_dir: str, names: list[str]) -> list[dict]:
-        """Decode, check and write each prompt's generation (generate.Prompt, generate.Generated);
-        the health figures of each."""
+        """Decode, check and write generate.Generated results; the health figures of each."""
         os.makedirs(out_dir, exist_ok=True)
         rows = []
         for name, prompt, out in zip(names, prompts, results):
             stem = os.path.join(out_dir, name)
             np.save(codes_path(stem + ".wav"), out.codes.numpy())
             wav = decode_codes(self.audio_tokenizer, out.codes) if self.audio_tokenizer else None
-            if wav is not None:
-                sf.write(stem + ".wav", wav.numpy(), CODES_SAMPLE_RATE)
-            if prompt.reference is not None:
-                sf.write(stem + ".ref.wav", prompt.reference.numpy(), CODES_SAMPLE_RATE)
+            for path, audio in ((".wav", wav), (".ref.wav", prompt.reference)):
+                if audio is not None:
+                    sf.write(stem + path, audio.numpy(), CODES_SAMPLE_RATE)
             r = health(out.codes, out.ended, prompt.text, prompt.chars_per_second,
                        prompt.reference, prompt.reference_codes, wav, self.asr, self.speaker)
             with open(stem + ".json", "w", encoding="utf-8") as f:

@@ -1,20 +1,15 @@
 """The helpers of rehearse.sh, a rehearsal of the whole workflow on a node before a long run:
-synthetic assets at the released shape (random weights and codebooks: nothing is downloaded),
-each stage run and measured, and the summary.
+synthetic assets at the released shape (random weights: nothing is downloaded), each stage run
+and measured, and the summary.
 
     python3 rehearse.py assets WORK [--tiny]     # WORK/model, WORK/audio_tokenizer, WORK/data/*
     python3 rehearse.py stage WORK NAME [--kill_when GLOB] -- COMMAND ...
     python3 rehearse.py report WORK              # the summary: one JSON line
     python3 rehearse.py corpus DIR [--clips N] [--lengths 1,20] [--codebook_size 1024]
-
-`corpus` writes a realistic-length synthetic corpus for bench.py --data and scale tests: N clips
-of log-normal durations (median 6 s) within --lengths seconds, in 50-clip speaker folders
-(DIR/train/speakerS/clipC.wav + .txt), the same pairs as ChatML in DIR/train.jsonl, and each
-clip's codes sidecar written directly (random codes, with provenance). The WAVs are silent and
-sparse: a file of any length takes a few kB of disk.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -22,6 +17,7 @@ import resource
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -31,16 +27,12 @@ import numpy as np
 import soundfile as sf
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO_TOKENIZER = os.path.join(HERE, "demo", "tokenizer")
+DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "tokenizer")
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing near an old "
          "bridge in the warm morning light and people walk slowly to the market").split()
 
 
-# ----------------------------------------------------------------------------------------------
 # Synthetic assets
-
-
 def released_tokenizer(out_dir: str) -> None:
     """The demo tokenizer with its 256 special tokens moved to the released ids (128000+): the
     ids in between are unused vocabulary entries, so the vocabulary is the released 128256."""
@@ -76,9 +68,8 @@ def write_model(out_dir: str, tiny: bool) -> None:
 
 
 def write_audio_tokenizer(out_dir: str, tiny: bool) -> None:
-    """HiggsAudioV2TokenizerModel with the released settings (24 kHz, hop 960, 8 codebooks of
-    1024; transformers' default config has hop 320) and full-size networks, or the demo's tiny
-    one; random codebooks (transformers initialises them to zeros: every code would be 0)."""
+    """HiggsAudioV2TokenizerModel at the released settings (transformers' default hop is 320, not
+    960) or the demo's; random codebooks, since transformers' zeros would make every code 0."""
     from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
 
     if tiny:
@@ -99,9 +90,8 @@ def write_audio_tokenizer(out_dir: str, tiny: bool) -> None:
 
 
 def write_clips(folder: str, speakers: int, clips: int, seconds: tuple, seed: int) -> float:
-    """`speakers` subfolders of `clips` NAME.wav + NAME.txt pairs: voiced tones with a syllable
-    envelope (some at 44.1 kHz stereo, some at 16 kHz), transcripts at ~14 characters per
-    second. Returns the seconds of audio written."""
+    """`speakers` folders of `clips` voiced tones (some 44.1 kHz stereo, some 16 kHz, to exercise
+    the resampling) with transcripts of ~14 characters a second. Returns the seconds written."""
     rng, total = np.random.default_rng(seed), 0.0
     for s in range(speakers):
         pitch = rng.uniform(90, 250)
@@ -124,8 +114,6 @@ def write_clips(folder: str, speakers: int, clips: int, seconds: tuple, seed: in
 
 
 def assets(work: str, tiny: bool) -> None:
-    for name in ("model", "audio_tokenizer", "data"):
-        os.makedirs(os.path.join(work, name), exist_ok=True)
     write_model(os.path.join(work, "model"), tiny)
     write_audio_tokenizer(os.path.join(work, "audio_tokenizer"), tiny)
     seconds = (0.6, 1.4) if tiny else (3.0, 7.0)
@@ -136,23 +124,20 @@ def assets(work: str, tiny: bool) -> None:
         json.dump({"train_audio_seconds": audio}, f)
 
 
-# ----------------------------------------------------------------------------------------------
 # Stages
-
-
 def gpu_memory_used() -> list[float]:
     """GiB in use on each GPU, as nvidia-smi sees it (every process counted)."""
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
         return [float(x) / 1024 for x in out.split()]
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return []
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its workers in sessions of their own, so
-    killing a process group would leave them running)."""
+    """Every process below `pid`: torchrun starts its workers in sessions of their own, so killing
+    a process group would leave them running."""
     children = {}
     for entry in os.listdir("/proc"):
         try:
@@ -170,11 +155,9 @@ def descendants(pid: int) -> list[int]:
 
 
 def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
-    """Run `command`, polling the GPUs' memory; with `kill_when`, SIGKILL it and every process
-    below it once a file matches that glob (a preemption). A glob, not one checkpoint's marker:
-    keeping the newest checkpoints deletes older ones, and a marker that lived between two polls
-    would let the run end unkilled. Appends a row to WORK/stages.jsonl: seconds, peak GPU memory,
-    the peak host memory of its largest process, exit code."""
+    """Run `command`, measured into WORK/stages.jsonl; with `kill_when`, SIGKILL it and all below it
+    once a file matches that glob (a preemption). A glob, since keep-last deletes older checkpoints:
+    one marker could come and go between two polls."""
     peak, done = [], threading.Event()
 
     def poll():
@@ -188,15 +171,13 @@ def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
     while proc.poll() is None:
         if kill_when and glob.glob(kill_when):
             for pid in [proc.pid] + descendants(proc.pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         time.sleep(0.05)
     done.set()
+    host = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # its largest process
     row = dict(stage=name, start=start, seconds=round(time.time() - start, 1), rc=proc.returncode,
-               peak_gpu_gib=round(max(peak), 2) if peak else None,
-               peak_host_gib=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20, 2))
+               peak_gpu_gib=round(max(peak), 2) if peak else None, peak_host_gib=round(host, 2))
     with open(os.path.join(work, "stages.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"rehearse: {name}: {row['seconds']} s, rc {proc.returncode}", flush=True)
@@ -205,15 +186,12 @@ def stage(work: str, name: str, command: list[str], kill_when: str = "") -> int:
     if proc.returncode == -signal.SIGKILL:
         return 0
     if proc.returncode == 0:
-        print(f"rehearse: {name} ended before {kill_when} appeared, so the kill and resume were not "
-              f"rehearsed: give it more steps after the first checkpoint", file=sys.stderr)
+        print(f"rehearse: {name} ended before {kill_when} appeared, so the kill and resume were "
+              "not rehearsed: give it more steps after the first checkpoint", file=sys.stderr)
     return proc.returncode or 1
 
 
-# ----------------------------------------------------------------------------------------------
 # The summary
-
-
 def rows(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -225,14 +203,12 @@ def first_step_seconds(run_rows: list[dict], started: float) -> float:
     return round(first["time"] - first["step_seconds"] - started, 1)
 
 
-def steady(run_rows: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in run_rows if "loss" in r and r["step"] > 2)
-
-
 def report(work: str) -> dict:
     stages = {s["stage"]: s for s in rows(os.path.join(work, "stages.jsonl"))}
     run = rows(os.path.join(work, "run", "metrics.jsonl"))
     checkpoints = [r for r in run if "checkpoint_seconds" in r]
+    steady = [r for r in run if "loss" in r and r["step"] > 2]
+    resumed = stages["resume"]["start"]
     evals = {name: json.load(open(os.path.join(work, name, "eval.json")))
              for name in ("eval_adapter", "eval_merged_official", "eval_merged_transformers")}
     audio_hours = json.load(open(os.path.join(work, "assets.json")))["train_audio_seconds"] / 3600
@@ -240,12 +216,12 @@ def report(work: str) -> dict:
         stages={n: {k: s[k] for k in ("seconds", "peak_gpu_gib", "peak_host_gib", "rc")}
                 for n, s in stages.items()},
         loading_to_first_step_s=first_step_seconds(run, stages["train"]["start"]),
-        steady_step_s=steady(run, "step_seconds"),
-        positions_per_s=steady(run, "positions_per_s"),
+        steady_step_s=statistics.median(r["step_seconds"] for r in steady),
+        positions_per_s=statistics.median(r["positions_per_s"] for r in steady),
         checkpoint_seconds=checkpoints[0]["checkpoint_seconds"],
         checkpoint_mib=checkpoints[0]["checkpoint_mib"],
         resume_to_first_step_s=first_step_seconds(
-            [r for r in run if r.get("time", 0) > stages["resume"]["start"]], stages["resume"]["start"]),
+            [r for r in run if r.get("time", 0) > resumed], resumed),
         prepare_audio_hours_per_minute=audio_hours / (stages["prepare"]["seconds"] / 60),
         merged_eval_max_abs_diff=max(
             abs(evals[m][k] - evals["eval_adapter"][k]) for m in evals if m != "eval_adapter"
@@ -253,39 +229,33 @@ def report(work: str) -> dict:
     one_gpu = os.path.join(work, "one_gpu", "metrics.jsonl")
     if os.path.isfile(one_gpu):
         world = json.load(open(os.path.join(work, "run", "config.json")))["world_size"]
-        out.update(world_size=world, **against_one_gpu(run, rows(one_gpu), world,
-                                                       stages["resume"]["start"]))
+        out.update(world_size=world, **against_one_gpu(run, rows(one_gpu), world, resumed))
     return out
 
 
 def against_one_gpu(run_rows: list[dict], one_gpu_rows: list[dict], world: int,
                     resumed: float) -> dict:
-    """The run on `world` GPUs against one GPU stepping through the same global batches (its
-    micro-batches in turn): scaling efficiency, the median over the steps steady in both of one
-    GPU's step time over `world` times the run's (a median, so a step that recompiles for a new
-    length in one run alone does not decide it); and the largest difference of their step
-    losses, which on a GPU is within the spread of two runs of the same command (bf16 and atomic
-    adds differ run to run). Only the run's first process is timed: a process's first epoch
-    runs slower than its later ones, so a resumed process must not be set against the
-    reference's later, faster steps."""
-    def steps(rows):
-        return {r["step"]: r for r in rows if "loss" in r}
-
-    alone, mine = steps(one_gpu_rows), steps(run_rows)
+    """The run on `world` GPUs against one GPU stepping through the same global batches: scaling
+    efficiency (a median, so that one step recompiling in one run alone does not decide it) and
+    the largest step loss difference. Only the run's first process is timed: a process's first
+    epoch is slower, so a resumed one must not be set against the reference's later steps."""
+    alone, mine = ({r["step"]: r for r in rs if "loss" in r} for rs in (one_gpu_rows, run_rows))
     first_process = [s for s, r in mine.items() if r["time"] <= resumed]
     timed = sorted(set(first_process[2:]) & set(sorted(alone)[2:]))
-    common = alone.keys() & mine.keys()
     return dict(
         scaling_steps=len(timed),
         scaling_efficiency=statistics.median(
             alone[s]["step_seconds"] / (world * mine[s]["step_seconds"]) for s in timed)
         if timed else None,
-        loss_max_abs_diff_to_one_gpu=max(abs(mine[s]["loss"] - alone[s]["loss"]) for s in common)
-        if common else None)
+        loss_max_abs_diff_to_one_gpu=max(
+            (abs(mine[s]["loss"] - alone[s]["loss"]) for s in alone.keys() & mine.keys()),
+            default=None))
 
 
 def corpus(out: str, clips: int, lengths: tuple[float, float], codebook_size: int,
            per_speaker: int = 50) -> None:
+    """A realistic-length corpus for bench.py --data and scale tests: log-normal durations (median
+    6 s), speaker folders, train.jsonl, random codes sidecars; the WAVs are silent and sparse."""
     from audio import CODES_SAMPLE_RATE, expected_frames, save_codes
     from chatml import cloning_record
 
@@ -296,14 +266,10 @@ def corpus(out: str, clips: int, lengths: tuple[float, float], codebook_size: in
         speaker, n = f"speaker{c // per_speaker:04d}", int(sec * CODES_SAMPLE_RATE)
         stem = os.path.join(out, "train", speaker, f"clip{c:07d}")
         os.makedirs(os.path.dirname(stem), exist_ok=True)
-        with sf.SoundFile(stem + ".wav", "w", CODES_SAMPLE_RATE, 1, "PCM_16") as f:
-            f.write(np.zeros(1, np.int16))
-        with open(stem + ".wav", "r+b") as f:  # grow to n samples of silence without writing them
+        with open(stem + ".wav", "wb") as f:  # a 16-bit mono WAV header, then n samples as a hole
+            f.write(struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + 2 * n, b"WAVE", b"fmt ", 16, 1,
+                                1, CODES_SAMPLE_RATE, 2 * CODES_SAMPLE_RATE, 2, 16, b"data", 2 * n))
             f.truncate(44 + 2 * n)
-            f.seek(4)
-            f.write((36 + 2 * n).to_bytes(4, "little"))
-            f.seek(40)
-            f.write((2 * n).to_bytes(4, "little"))
         save_codes(stem + ".wav", rng.integers(0, codebook_size, (8, expected_frames(
             n, CODES_SAMPLE_RATE)), dtype=np.int16), "random codes (rehearse.py corpus)")
         text = " ".join(rng.choice(WORDS, max(2, int(sec * 14 / 5)))).capitalize() + "."
@@ -333,8 +299,7 @@ def main(argv: list[str]) -> int:
         assets(work, "--tiny" in argv)
     elif command == "stage":
         split = argv.index("--")
-        kill = option(argv[:split], "--kill_when", "")
-        return stage(work, argv[2], argv[split + 1:], kill)
+        return stage(work, argv[2], argv[split + 1:], option(argv[:split], "--kill_when", ""))
     elif command == "report":
         print(json.dumps(report(work)))
     return 0

@@ -1,33 +1,16 @@
-"""(Re)create the small demo dataset bundled with this repo.
+"""(Re)create the demo data bundled with this repo, deterministically (same packages, same bytes).
 
-    python demo/make_demo.py            # from the repo root; needs espeak-ng (apt-get install espeak-ng)
+    python demo/make_demo.py    # from the repo root; needs espeak-ng (apt-get install espeak-ng)
 
-Writes, deterministically (same packages -> same bytes):
+demo/tokenizer/: a byte-level BPE of exactly 512 tokens, then the 256 Llama-3 special tokens at
+512 + (official id - 128000), the vocabulary of `HiggsConfig.tiny()`. demo/data/: 24 espeak-ng
+clips (3 voices), their codes sidecars, train.jsonl and eval.jsonl in the official voice-cloning
+layout. The codes come from transformers' HiggsAudioV2TokenizerModel at a tiny config (8 x 32
+codes, 25 Hz) with random weights, so they exercise the pipeline but carry no acoustic meaning.
 
-  demo/tokenizer/   a tiny text tokenizer for `HiggsConfig.tiny()` (vocab 768): a byte-level BPE
-                    trained to exactly 512 tokens on the English corpus below, then the 256 Llama-3
-                    special tokens at ids 512 + (official id - 128000), so `<|AUDIO_OUT|>` (128016)
-                    is 528. bos `<|begin_of_text|>`, eos `<|eot_id|>`, pad `<|end_of_text|>`.
-  demo/data/        24 clips (8 per speaker, 3 espeak-ng voices), 24 kHz mono 16-bit WAV, each with
-                    its `<stem>.codes.npy` sidecar: int64 (8, T), T = frames at 25 Hz, values in
-                    [0, 32); plus train.jsonl (40 records) and eval.jsonl (6 records) in the official
-                    zero-shot voice-cloning ChatML layout (OFFICIAL.md section 3, start_index 4).
-
-How the codes are made: transformers' `HiggsAudioV2TokenizerModel` (the real Higgs-Audio v2 audio
-tokenizer architecture: DAC acoustic encoder + HuBERT semantic model + semantic encoder + RVQ) is
-built from a SMALL config (8 quantizers x 32 codes, hop 960 at 24 kHz = 25 frames/s) with random
-weights (torch seed SEED, nothing downloaded) and its `encode()` is run on each clip. transformers
-initialises every RVQ codebook to zeros, which would make every code 0, so each codebook is seeded
-with frames drawn (seeded) from its own projected input over the demo clips, one quantizer after
-another on the residual (the first step of the k-means init EnCodec/DAC-style codecs use). The
-codes therefore carry no real acoustic meaning: the data exercises the pipeline, it teaches no voice.
-
-Frame count: each clip is padded with silence to a whole number of 960-sample hops, and for such
-lengths `encode()` returns exactly n_samples / 960 = duration * 25 = ceil(duration * 25) frames
-(checked below). For other lengths it returns ceil(n / 960) frames, except floor(n / 960) when
-1 <= n mod 960 <= 118 (measured: 118 -> floor, 119 -> ceil; the semantic path decides: after
-resampling to 16 kHz and padding 160 a side, HuBERT's 400-sample window with stride 320 gives
-2T frames, kept every second).
+Frame count: clips are padded to whole 960-sample hops, where encode() gives exactly n / 960
+frames. Otherwise it gives ceil(n / 960), but floor when 1 <= n mod 960 <= 118 (measured: HuBERT's
+window 400, stride 320 at 16 kHz after padding 160 a side gives 2T frames, every second kept).
 """
 from __future__ import annotations
 
@@ -48,6 +31,7 @@ import torchaudio.functional as AF
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 from audio import write_provenance  # noqa: E402
+from chatml import DEFAULT_SYSTEM_PROMPT as SYSTEM_PROMPT, cloning_record  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_DIR = os.path.join(HERE, "tokenizer")
@@ -58,52 +42,27 @@ HOP = 960  # 24 kHz / 960 = 25 frames/s, as the released audio tokenizer
 NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 32
 MAX_DEMO_BYTES = 3 * 1024 * 1024
-SYSTEM_PROMPT = "Generate audio following instruction."
 
-# ------------------------------------------------------------------------------------------------
-# Speakers and their transcripts (8 short sentences each; the last two are the eval targets)
-
-SPEAKERS = {  # speaker name -> (espeak-ng voice, words per minute)
-    "espeak_m1": ("en+m1", 175),
-    "espeak_f3": ("en+f3", 175),
-    "espeak_us_m3": ("en-us+m3", 175),
-}
-TRANSCRIPTS = {
-    "espeak_m1": [
-        "The sun is bright today.",
-        "Please close the door.",
-        "I like green apples.",
-        "We walked to the river.",
-        "The train is late again.",
-        "She reads a book at night.",
-        "Open the window, please.",
-        "The cat sleeps on the mat.",
-    ],
-    "espeak_f3": [
-        "Good morning to you all.",
-        "The music was very loud.",
-        "He found a small blue stone.",
-        "Let us meet after lunch.",
-        "The garden needs more water.",
-        "My phone is on the table.",
-        "It will rain this evening.",
-        "Thank you for the kind words.",
-    ],
-    "espeak_us_m3": [
-        "Turn left at the corner.",
-        "The coffee is still hot.",
-        "We need three more chairs.",
-        "Birds sing in the early spring.",
-        "This road leads to the city.",
-        "Her voice was calm and clear.",
-        "The bus stops here at noon.",
-        "I will call you tomorrow.",
-    ],
-}
+# speaker -> (espeak-ng voice, words per minute)
+SPEAKERS = {"espeak_m1": ("en+m1", 175), "espeak_f3": ("en+f3", 175),
+            "espeak_us_m3": ("en-us+m3", 175)}
+TRANSCRIPTS = {  # the last NUM_EVAL_PER_SPEAKER of each speaker are the eval targets
+    "espeak_m1": ["The sun is bright today.", "Please close the door.", "I like green apples.",
+                  "We walked to the river.", "The train is late again.",
+                  "She reads a book at night.", "Open the window, please.",
+                  "The cat sleeps on the mat."],
+    "espeak_f3": ["Good morning to you all.", "The music was very loud.",
+                  "He found a small blue stone.", "Let us meet after lunch.",
+                  "The garden needs more water.", "My phone is on the table.",
+                  "It will rain this evening.", "Thank you for the kind words."],
+    "espeak_us_m3": ["Turn left at the corner.", "The coffee is still hot.",
+                     "We need three more chairs.", "Birds sing in the early spring.",
+                     "This road leads to the city.", "Her voice was calm and clear.",
+                     "The bus stops here at noon.", "I will call you tomorrow."]}
 NUM_EVAL_PER_SPEAKER = 2
 NUM_TRAIN_RECORDS = 40
 
-# A small English corpus for the BPE (the demo transcripts and prompt words are added to it).
+# The BPE's training text (corpus_text adds the transcripts and prompt words).
 CORPUS = """
 Generate audio following instruction. The system gives an instruction, the user writes a text,
 and the assistant answers with audio in the voice of the reference speaker.
@@ -134,16 +93,12 @@ def corpus_text() -> str:
     return CORPUS + "\n" + "\n".join(extra) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------
 # Text tokenizer
-
-
 NAMED_SPECIALS = {
     128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128006: "<|start_header_id|>",
     128007: "<|end_header_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>",
     128011: "<|audio_bos|>", 128012: "<|audio_eos|>", 128013: "<|audio_out_bos|>",
-    128015: "<|AUDIO|>", 128016: "<|AUDIO_OUT|>", 128017: "<|recipient|>",
-}
+    128015: "<|AUDIO|>", 128016: "<|AUDIO_OUT|>", 128017: "<|recipient|>"}
 BPE_VOCAB = 512
 SPECIAL_BASE = 512  # id of <|begin_of_text|>; HiggsConfig.tiny() special_base
 
@@ -151,13 +106,9 @@ SPECIAL_BASE = 512  # id of <|begin_of_text|>; HiggsConfig.tiny() special_base
 def special_token_names() -> list[str]:
     """The 256 Llama-3 special tokens in id order 128000..128255. Unnamed ones get Meta's Llama-3
     reserved numbering (128002-128005 -> 0-3, 128008 -> 4, 128010 on -> id - 128005)."""
-    names = []
-    for official in range(128000, 128256):
-        if official in NAMED_SPECIALS:
-            names.append(NAMED_SPECIALS[official])
-        else:
-            n = official - 128002 if official < 128006 else 4 if official == 128008 else official - 128005
-            names.append(f"<|reserved_special_token_{n}|>")
+    number = lambda i: i - 128002 if i < 128006 else 4 if i == 128008 else i - 128005  # noqa: E731
+    names = [NAMED_SPECIALS.get(i, f"<|reserved_special_token_{number(i)}|>")
+             for i in range(128000, 128256)]
     assert len(set(names)) == 256
     return names
 
@@ -182,8 +133,8 @@ def build_tokenizer(out_dir: str):
         assert tok.token_to_id(name) == SPECIAL_BASE + i, name
     bos = "<|begin_of_text|>"
     tok.post_processor = processors.TemplateProcessing(  # like Llama-3: encode() prepends bos
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tok.token_to_id(bos))])
-
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+        special_tokens=[(bos, tok.token_to_id(bos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>",
                                    pad_token="<|end_of_text|>", model_max_length=131072)
     if os.path.isdir(out_dir):
@@ -193,8 +144,7 @@ def build_tokenizer(out_dir: str):
     # name the class both 4.x and 5.x know and write the map, so older transformers load it too.
     cfg_path = os.path.join(out_dir, "tokenizer_config.json")
     with open(cfg_path, encoding="utf-8") as f:
-        tok_cfg = json.load(f)
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_cfg = dict(json.load(f), tokenizer_class="PreTrainedTokenizerFast")
     with open(cfg_path, "w", encoding="utf-8") as f:
         json.dump(tok_cfg, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -202,13 +152,12 @@ def build_tokenizer(out_dir: str):
         json.dump({"bos_token": bos, "eos_token": "<|eot_id|>", "pad_token": "<|end_of_text|>"},
                   f, indent=2)
         f.write("\n")
-
-    # checks, on the reloaded files
-    fast = PreTrainedTokenizerFast.from_pretrained(out_dir)
+    fast = PreTrainedTokenizerFast.from_pretrained(out_dir)  # the checks run on the files
     assert len(fast) == BPE_VOCAB + 256 == 768, len(fast)
     got = fast.encode("<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>", add_special_tokens=False)
     assert got == [525, 528, 524], got
-    assert fast.encode("<|audio_bos|><|AUDIO|><|audio_eos|>", add_special_tokens=False) == [523, 527, 524]
+    got = fast.encode("<|audio_bos|><|AUDIO|><|audio_eos|>", add_special_tokens=False)
+    assert got == [523, 527, 524], got
     assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id) == (512, 521, 513)
     for text in [SYSTEM_PROMPT] + [t for ts in TRANSCRIPTS.values() for t in ts]:
         ids = fast.encode(text, add_special_tokens=False)
@@ -216,16 +165,13 @@ def build_tokenizer(out_dir: str):
     return fast
 
 
-# ------------------------------------------------------------------------------------------------
 # Speech
-
-
 def require_espeak() -> str:
     exe = shutil.which("espeak-ng")
     if exe is None:
-        raise SystemExit("make_demo.py: espeak-ng not found. The demo clips are synthesised with it; "
-                         "install it (Debian/Ubuntu: apt-get update && apt-get install -y espeak-ng) "
-                         "and rerun. It is only needed to regenerate demo/data.")
+        raise SystemExit("make_demo.py: espeak-ng not found. The demo clips are synthesised with "
+                         "it; install it (Debian/Ubuntu: apt-get update && apt-get install -y "
+                         "espeak-ng) and rerun. It is only needed to regenerate demo/data.")
     return exe
 
 
@@ -247,18 +193,14 @@ def synthesize(exe: str, voice: str, wpm: int, text: str) -> np.ndarray:
     return np.round(wav * 32767).astype(np.int16).astype(np.float32) / 32768.0  # as stored
 
 
-# ------------------------------------------------------------------------------------------------
 # Audio codes
-
-
 def build_audio_tokenizer():
     """A small, randomly initialised HiggsAudioV2TokenizerModel: 8 quantizers x 32 codes, 25 Hz."""
     from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    # num_quantizers = 1000 * target_bandwidths[-1] // (frame_rate * log2(codebook_size))
-    #                = 1000 * 1.0 // (25 * 5) = 8
+    # transformers derives num_quantizers = 1000 * bandwidth // (frame_rate * log2(codebook_size))
     bandwidth = NUM_CODEBOOKS * math.log2(CODEBOOK_SIZE) * (SAMPLE_RATE / HOP) / 1000
     cfg = HiggsAudioV2TokenizerConfig(
         target_bandwidths=[bandwidth], sample_rate=SAMPLE_RATE, codebook_size=CODEBOOK_SIZE,
@@ -271,21 +213,18 @@ def build_audio_tokenizer():
         semantic_model_config={"model_type": "hubert", "hidden_size": 32, "num_hidden_layers": 2,
                                "num_attention_heads": 2, "intermediate_size": 64,
                                "conv_dim": [32] * 7, "num_conv_pos_embeddings": 16,
-                               "num_conv_pos_embedding_groups": 4},
-    )
+                               "num_conv_pos_embedding_groups": 4})
     assert cfg.num_quantizers == NUM_CODEBOOKS and cfg.frame_rate == 25 and cfg.hop_length == HOP
     torch.manual_seed(SEED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HiggsAudioV2TokenizerModel(cfg).eval()
-    return model
+        return HiggsAudioV2TokenizerModel(cfg).eval()
 
 
 @torch.no_grad()
 def seed_codebooks(model, waves: list[np.ndarray]) -> None:
-    """transformers zero-initialises the RVQ codebooks (all codes would be 0). Seed each codebook
-    with CODEBOOK_SIZE distinct frames of its own projected input, drawn with a fixed generator,
-    quantizer by quantizer on the residual, i.e. the first step of a k-means init."""
+    """transformers zero-initialises the RVQ codebooks (all codes would be 0): seed each with frames
+    of its own input, quantizer by quantizer on the residual (the first step of a k-means init)."""
     gen = torch.Generator().manual_seed(SEED)
     # the quantizer's input, exactly as encode() builds it (code copied from encode())
     embeddings = []
@@ -306,32 +245,7 @@ def seed_codebooks(model, waves: list[np.ndarray]) -> None:
         residual = residual - q.decode(q.encode(residual))
 
 
-@torch.no_grad()
-def encode(model, wav: np.ndarray) -> np.ndarray:
-    codes = model.encode(torch.from_numpy(wav)[None, None], return_dict=False)[0]  # (8, T)
-    return codes.numpy().astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------------
 # ChatML records
-
-
-def cloning_record(speaker: str, ref: tuple[str, str], target: tuple[str, str]) -> dict:
-    """The official zero-shot voice-cloning layout: (text, wav file) for reference and target."""
-    audio = lambda f: {"type": "audio", "audio_url": f}  # noqa: E731
-    return {
-        "messages": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": ref[0]},
-            {"role": "assistant", "content": audio(ref[1])},
-            {"role": "user", "content": target[0]},
-            {"role": "assistant", "content": audio(target[1])},
-        ],
-        "start_index": 4,
-        "speaker": speaker,
-    }
-
-
 def build_records(clips: dict) -> tuple[list[dict], list[dict]]:
     """clips: speaker -> [(text, file)]. Eval targets are each speaker's last clips and appear in no
     train record (neither as target nor as reference); references are other clips of the speaker."""
@@ -339,13 +253,13 @@ def build_records(clips: dict) -> tuple[list[dict], list[dict]]:
     for speaker, items in clips.items():
         train, held = items[:-NUM_EVAL_PER_SPEAKER], items[-NUM_EVAL_PER_SPEAKER:]
         for i, target in enumerate(held):
-            evals.append(cloning_record(speaker, train[i], target))
+            evals.append(cloning_record(*train[i], *target, speaker))
         n = len(train)
         for offset in range(1, n):  # (offset, speaker, target) order; every target early on
             for t in range(n):
                 train_pairs.append((offset, speaker, train[(t + offset) % n], train[t]))
     train_pairs.sort(key=lambda p: p[0])  # stable: offset 1 for all, then offset 2, ...
-    records = [cloning_record(s, ref, tgt) for _, s, ref, tgt in train_pairs[:NUM_TRAIN_RECORDS]]
+    records = [cloning_record(*ref, *tgt, s) for _, s, ref, tgt in train_pairs[:NUM_TRAIN_RECORDS]]
     random.Random(SEED).shuffle(records)
     return records, evals
 
@@ -356,13 +270,7 @@ def write_jsonl(path: str, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-# ------------------------------------------------------------------------------------------------
-
-
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
+@torch.no_grad()
 def main() -> None:
     exe = require_espeak()
     torch.manual_seed(SEED)
@@ -382,7 +290,8 @@ def main() -> None:
             wav = synthesize(exe, voice, wpm, text)
             dur = len(wav) / SAMPLE_RATE
             if not 1.0 <= dur <= 3.0:
-                raise SystemExit(f"{name}: {dur:.2f} s, outside 1-3 s; shorten or lengthen {text!r}")
+                raise SystemExit(f"{name}: {dur:.2f} s, outside 1-3 s; shorten or lengthen "
+                                 f"{text!r}")
             sf.write(os.path.join(DATA_DIR, name), wav, SAMPLE_RATE, subtype="PCM_16")
             clips[speaker].append((text, name))
             waves[name] = wav
@@ -393,7 +302,8 @@ def main() -> None:
     for name, wav in waves.items():
         back, _ = sf.read(os.path.join(DATA_DIR, name), dtype="float32")
         assert np.array_equal(back, wav), name  # codes are computed from exactly the stored samples
-        codes = encode(model, wav)
+        codes = model.encode(torch.from_numpy(wav)[None, None], return_dict=False)[0]
+        codes = codes.numpy().astype(np.int64)  # (8, T)
         frames = math.ceil(len(wav) * 25 / SAMPLE_RATE)  # ceil(duration * 25), exact in floats
         assert len(wav) % HOP == 0 and codes.shape == (NUM_CODEBOOKS, frames) == \
             (NUM_CODEBOOKS, len(wav) // HOP), (name, codes.shape, len(wav))
@@ -415,7 +325,7 @@ def main() -> None:
     print(f"data: {DATA_DIR} ({len(waves)} clips, {total_sec:.1f} s; {len(train)} train, "
           f"{len(evals)} eval records)")
 
-    size = dir_bytes(HERE)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(HERE) for f in fs)
     print(f"demo/: {size / 1024:.0f} KiB")
     if size > MAX_DEMO_BYTES:
         raise SystemExit(f"demo/ is {size} bytes, over the {MAX_DEMO_BYTES} byte budget")
