@@ -208,3 +208,16 @@ def test_length_grouped_steps_cover_the_epoch_once():
     spread = lambda steps: np.mean([max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps])  # noqa: E731
     assert spread(grouped) < 0.2 * spread(plain)
     assert grouped == train.step_indices(1000, 8, seed=0, epoch=3, lengths=lengths)  # deterministic
+
+
+def test_ranks_get_like_shares_of_every_step():
+    """Sorted by length and dealt back and forth, no rank waits long for another."""
+    from device import Dist
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(100, 1200, (4096,), generator=g).tolist()
+    for world in (2, 8):
+        for step in train.step_indices(4096, 16 * world, seed=0, epoch=0, lengths=lengths)[:50]:
+            shares = [sum(lengths[i] for mb in train.micro_batches(step, Dist(r, world), 4, lengths)
+                          for i in mb) for r in range(world)]
+            assert max(shares) <= 1.03 * min(shares), shares

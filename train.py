@@ -230,11 +230,13 @@ def step_indices(n: int, global_batch: int, seed: int, epoch: int,
 
 
 def micro_batches(step: list[int], d: Dist, batch_size: int, lengths=None) -> list[list[int]]:
-    """This rank's micro-batches of a global step. Sorted by length and dealt out in turn, each
-    rank gets a like share of the tokens (none waits for another), and each micro-batch samples
-    of like length (little padding)."""
+    """This rank's micro-batches of a global step. Sorted by length and dealt out to the ranks
+    back and forth (0, 1, 1, 0, ...), every rank gets a like share of the tokens (none waits for
+    another) and every micro-batch samples of like length (little padding)."""
     if lengths is not None:
         step = sorted(step, key=lambda i: lengths[i])
+        step = [i for k in range(0, len(step), d.world)
+                for i in (step[k:k + d.world] if k // d.world % 2 == 0 else step[k:k + d.world][::-1])]
     mine = step[d.rank::d.world]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
