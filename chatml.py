@@ -82,12 +82,9 @@ def audio_paths(records: list[Record]) -> set[str]:
 
 
 def field_name(record: Record, i: int, j: int | None = None) -> str:
-    """How the user's input names message i (or its part j): a flat key, a clip's file or a chat
-    path, so that errors point at what the user wrote rather than at the converted ChatML."""
-    if (i, j) in record.fields:
-        return record.fields[(i, j)]
-    if j is None:
-        return f"messages[{i}]"
+    """How the user's input names message i (or its part j), so errors point at what they wrote."""
+    if j is None or (i, j) in record.fields:
+        return record.fields.get((i, j), f"messages[{i}]")
     return f"messages[{i}].content" + (f"[{j}]" if len(record.messages[i].content) > 1 else "")
 
 
@@ -163,8 +160,7 @@ def record_to_json(record: Record, out_dir: str) -> dict:
 
 def cloning_record(ref_text: str, ref_audio: str, text: str, audio: str, speaker=None,
                    system: str = DEFAULT_SYSTEM_PROMPT) -> dict:
-    """The official zero-shot voice-cloning layout: system prompt, reference transcript and audio
-    as context, then the target text and the trained target audio (start_index 4)."""
+    """The official zero-shot voice-cloning layout: the reference as context, then the target."""
     audio_part = lambda url: {"type": "audio", "audio_url": url}  # noqa: E731
     return {"messages": [{"role": "system", "content": system},
                          {"role": "user", "content": ref_text},
@@ -176,9 +172,8 @@ def cloning_record(ref_text: str, ref_audio: str, text: str, audio: str, speaker
 
 def tokenize_records(records: list[Record], tokenizer) -> list[tuple[np.ndarray, np.ndarray, list]]:
     """(input ids, label ids, [(audio part, is_out)]) of each record. Each piece is encoded on its
-    own with add_special_tokens=False, exactly as the official code does; the pieces that do not
-    depend on the record (headers, placeholders, end tokens) are encoded once per tokenizer, and
-    the distinct texts of all records in one batch."""
+    own without special tokens, as the official code does: the constant pieces once per tokenizer,
+    the records' distinct texts in one batch."""
     constants = tokenizer.__dict__.setdefault("_piece_ids", {})
 
     def const(piece: str) -> list[int]:
@@ -188,35 +183,33 @@ def tokenize_records(records: list[Record], tokenizer) -> list[tuple[np.ndarray,
     header = {(first, role): const(("<|begin_of_text|>" if first else "") +
                                    f"<|start_header_id|>{role}<|end_header_id|>\n\n")
               for first in (True, False) for role in ROLES}
-    audio_in, audio_out = (const(f"<|audio{d}_bos|><|{p}|><|audio_eos|>")
-                           for d, p in (("", "AUDIO"), ("_out", "AUDIO_OUT")))
+    audio_in = const("<|audio_bos|><|AUDIO|><|audio_eos|>")
+    audio_out = const("<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>")
     eom, eot = const("<|eom_id|>"), const("<|eot_id|>")
-    plans, texts = [], []
+    plans = []  # per record: its pieces (ids, or a text to encode; trained) and its audio parts
     for record in records:
-        plan, audios, msgs = [], [], record.messages  # plan: (ids, or index into texts, trained)
+        plan, audios, msgs = [], [], record.messages
         for turn, msg in enumerate(msgs):
-            trained = record.start_index is None or turn >= record.start_index
             assistant = msg.role == "assistant"
+            trained = assistant and (record.start_index is None or turn >= record.start_index)
             plan.append((header[turn == 0, msg.role], False))
             if msg.recipient:  # official quirk: recipient tokens are always labelled
-                plan.append((len(texts), True))
-                texts.append(f"{msg.recipient}<|recipient|>")
+                plan.append((f"{msg.recipient}<|recipient|>", True))
             for part in msg.content:
                 if isinstance(part, TextPart):
-                    plan.append((len(texts), assistant and trained))
-                    texts.append(part.text)
+                    plan.append((part.text, trained))
                 else:
                     audios.append((part, assistant))
-                    plan.append((audio_out if assistant else audio_in, assistant and trained))
+                    plan.append((audio_out if assistant else audio_in, trained))
             next_is_assistant = turn + 1 < len(msgs) and msgs[turn + 1].role == "assistant"
-            plan.append((eom if assistant and next_is_assistant else eot, assistant and trained))
+            plan.append((eom if assistant and next_is_assistant else eot, trained))
         plans.append((plan, audios))
-    unique = list(dict.fromkeys(texts))  # a cloning data set uses each transcript twice
-    encoded = dict(zip(unique, (e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(
-        unique, add_special_tokens=False)))) if texts else {}
+    texts = list(dict.fromkeys(p for plan, _ in plans for p, _ in plan if isinstance(p, str)))
+    encoded = dict(zip(texts, (e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(
+        texts, add_special_tokens=False)))) if texts else {}
     out = []
     for plan, audios in plans:
-        pieces = [encoded[texts[p]] if isinstance(p, int) else p for p, _ in plan]
+        pieces = [encoded[p] if isinstance(p, str) else p for p, _ in plan]
         lengths = [len(p) for p in pieces]
         ids = np.fromiter(itertools.chain.from_iterable(pieces), np.int64, sum(lengths))
         supervised = np.repeat([s for _, s in plan], lengths)

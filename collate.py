@@ -1,12 +1,10 @@
 """Batching: the official collator's semantics (OFFICIAL.md section 5) as a pure function that also
 does the model's placeholder expansion (section 6, planned by data.audio_plan) on the CPU.
 
-Every `<|AUDIO_OUT|>` / `<|AUDIO|>` placeholder is replaced in place by its audio positions, so
-the model receives a right-padded, already-expanded batch plus index tensors:
-  - `audio_index`/`text_index` route positions to the audio or text path of DualFFN layers;
-  - `text_logit_index` lists the positions whose next token is supervised (text head only there);
-  - `audio_logit_rows` lists the audio-out stream positions whose next frame is supervised.
-Samples are never mutated (the official collator writes -100 into the caller's labels).
+Every audio placeholder is replaced in place by its audio positions, in a right-padded batch whose
+index tensors route positions to DualFFN's text or audio path (`text_index`, `audio_index`) and
+list those whose next token or frame is supervised (`text_logit_index`, `audio_logit_rows`): the
+heads run only there. Samples are never mutated (the official collator writes -100 into labels).
 """
 from __future__ import annotations
 
@@ -76,12 +74,10 @@ def audio_out_labels(codes: torch.Tensor, eos: int, delay: bool) -> torch.Tensor
 
 
 class Collator:
-    """Turns Samples into a Batch for one model config. Holds the Whisper feature extractor
-    (transformers' WhisperFeatureExtractor, 128 mel bins) when the model uses Whisper."""
+    """Samples -> Batch for one model config, with a Whisper feature extractor if it uses one."""
 
     def __init__(self, cfg, round_to: int = 8):
-        self.cfg = cfg
-        self.round_to = round_to
+        self.cfg, self.round_to = cfg, round_to
         self.feature_extractor = None
         if cfg.uses_whisper:
             from transformers import WhisperFeatureExtractor
@@ -89,81 +85,61 @@ class Collator:
             self.feature_extractor = WhisperFeatureExtractor(feature_size=cfg.whisper_num_mel_bins)
 
     def _expand(self, sample: Sample):
-        """(ids, labels, kinds) per position of the expanded sequence, the wrapped codes of its
+        """(id, label, kind) of each position of the expanded sequence, the wrapped codes of its
         audio-in and audio-out positions, the audio-out labels, and the Whisper chunks."""
         cfg = self.cfg
         bos, eos, delay = cfg.audio_stream_bos_id, cfg.audio_stream_eos_id, cfg.use_delay_pattern
         ids, labels = sample.input_ids.tolist(), sample.label_ids.tolist()
-        out = dict(ids=[], labels=[], kinds=[], in_codes=[], out_codes=[], out_labels=[], wavs=[])
-
-        def emit(token, label, kind, n=1):
-            out["ids"] += [token] * n
-            out["labels"] += [label] * n
-            out["kinds"] += [kind] * n
-
-        done = 0
-        for i, pieces in audio_plan(sample, cfg):
-            for t in range(done, i):
-                emit(ids[t], labels[t], TEXT)
+        out = dict(positions=[], in_codes=[], out_codes=[], out_labels=[], wavs=[])
+        positions, done = out["positions"], 0
+        for i, pieces in [*audio_plan(sample, cfg), (len(ids), [])]:  # the last: trailing text
+            positions += [(ids[t], labels[t], TEXT) for t in range(done, i)]
             done = i + 1
             for kind, payload in pieces:
-                n = piece_length(kind, payload, cfg)
                 if kind == TEXT:
-                    emit(ids[payload], labels[payload], TEXT)
-                elif kind == WHISPER:
+                    positions.append((ids[payload], labels[payload], TEXT))
+                    continue
+                positions += [(cfg.pad_token_id, IGNORE, kind)] * piece_length(kind, payload, cfg)
+                if kind == WHISPER:
                     out["wavs"].append(payload)
-                    emit(cfg.pad_token_id, IGNORE, WHISPER, n)
                 elif kind == AUDIO_IN_CODES:
                     out["in_codes"].append(wrap_codes(payload, bos, eos, delay))
-                    emit(cfg.pad_token_id, IGNORE, AUDIO_IN_CODES, n)
                 else:  # audio-out: trained unless its placeholder is a context turn's
                     seg_labels = audio_out_labels(payload, eos, delay)
                     if labels[i] == IGNORE:
                         seg_labels = torch.full_like(seg_labels, IGNORE)
                     out["out_codes"].append(wrap_codes(payload, bos, eos, delay))
                     out["out_labels"].append(seg_labels)
-                    emit(cfg.pad_token_id, IGNORE, AUDIO_OUT, n)
-        for t in range(done, len(ids)):
-            emit(ids[t], labels[t], TEXT)
         return out
 
     def __call__(self, samples: list[Sample]) -> Batch:
-        cfg = self.cfg
-        K = cfg.audio_num_codebooks
+        cfg, K, B = self.cfg, self.cfg.audio_num_codebooks, len(samples)
         expanded = [self._expand(s) for s in samples]
-        B = len(samples)
-        L = -(-max(len(e["ids"]) for e in expanded) // self.round_to) * self.round_to
-        input_ids = torch.full((B, L), cfg.pad_token_id, dtype=torch.long)
-        labels = torch.full((B, L), IGNORE, dtype=torch.long)
-        kinds = torch.full((B, L), TEXT, dtype=torch.long)
-        attention_mask = torch.zeros((B, L), dtype=torch.bool)
+        lengths = torch.tensor([len(e["positions"]) for e in expanded])
+        L = -(-int(lengths.max()) // self.round_to) * self.round_to
+        input_ids, labels, kinds = (torch.full((B, L), fill, dtype=torch.long)
+                                    for fill in (cfg.pad_token_id, IGNORE, TEXT))
+        attention_mask = torch.arange(L) < lengths[:, None]
         codes_at = torch.zeros((B, L, K), dtype=torch.long)
         out_label_at = torch.full((B, L, K), IGNORE, dtype=torch.long)
-        wav_chunks = []
         for b, e in enumerate(expanded):
-            n = len(e["ids"])
-            input_ids[b, :n] = torch.tensor(e["ids"], dtype=torch.long)
-            labels[b, :n] = torch.tensor(e["labels"], dtype=torch.long)
-            kinds[b, :n] = torch.tensor(e["kinds"], dtype=torch.long)
-            attention_mask[b, :n] = True
+            n = len(e["positions"])
+            input_ids[b, :n], labels[b, :n], kinds[b, :n] = torch.tensor(e["positions"]).T
             if e["in_codes"]:
                 codes_at[b][kinds[b] == AUDIO_IN_CODES] = torch.cat(e["in_codes"], dim=1).T.long()
             if e["out_codes"]:
                 codes_at[b][kinds[b] == AUDIO_OUT] = torch.cat(e["out_codes"], dim=1).T.long()
                 out_label_at[b][kinds[b] == AUDIO_OUT] = torch.cat(e["out_labels"], dim=1).T.long()
-            wav_chunks += e["wavs"]
 
-        flat_kinds = kinds.view(-1)
         audio_mask = (kinds == AUDIO_IN_CODES) | (kinds == AUDIO_OUT)
         audio_index = audio_mask.view(-1).nonzero().squeeze(1)
-        audio_out_index = (flat_kinds == AUDIO_OUT).nonzero().squeeze(1)
+        audio_out_index = (kinds.view(-1) == AUDIO_OUT).nonzero().squeeze(1)
         stream_labels = out_label_at.view(B * L, K)[audio_out_index]
         audio_logit_rows = (stream_labels[1:] != IGNORE).any(dim=1).nonzero().squeeze(1)
-        # next-token text targets stay within a row: t in [0, L-2]
-        next_labels = torch.full_like(labels, IGNORE)
+        next_labels = torch.full_like(labels, IGNORE)  # next-token targets stay within a row
         next_labels[:, :-1] = labels[:, 1:]
         text_logit_index = (next_labels.view(-1) != IGNORE).nonzero().squeeze(1)
-        features, mel_lengths = self._whisper_features(wav_chunks)
+        features, mel_lengths = self._whisper_features([w for e in expanded for w in e["wavs"]])
         return Batch(
             input_ids=input_ids, labels=labels, kinds=kinds, attention_mask=attention_mask,
             position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0),
@@ -174,7 +150,7 @@ class Collator:
             audio_logit_rows=audio_logit_rows, audio_targets=stream_labels[audio_logit_rows + 1],
             text_logit_index=text_logit_index, text_targets=next_labels.view(-1)[text_logit_index],
             whisper_features=features, whisper_mel_lengths=mel_lengths,
-            whisper_index=(flat_kinds == WHISPER).nonzero().squeeze(1))
+            whisper_index=(kinds.view(-1) == WHISPER).nonzero().squeeze(1))
 
     def _whisper_features(self, chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
         """128-bin log-mel features of each chunk, padded to 30 s, and their valid frame counts."""

@@ -27,9 +27,9 @@ import soundfile as sf
 import torch
 
 from audio import (CODES_FRAME_RATE, CODES_SAMPLE_RATE, WHISPER_SAMPLE_RATE, audio_info, codes_path,
-                   codes_values, encode_files, expected_frames, frames_match, has_valid_sidecar,
-                   load_audio, load_audio_tokenizer, load_codes, npy_header, provenance_path,
-                   read_codes, resampled_length, window)
+                   codes_values, encode_files, expected_frames, file_sha256, frames_match,
+                   has_valid_sidecar, load_audio, load_audio_tokenizer, load_codes, npy_header,
+                   provenance_path, read_codes, resampled_length, window)
 from audio_tower import tower_lengths
 from chatml import (IGNORE, AudioPart, AudioSegment, Record, Sample, TextPart, audio_paths,
                     field_name, record_to_json, resolve_audio_path, tokenize_records)
@@ -376,12 +376,9 @@ def default_workers() -> int:
 def records_digest(path: str) -> str:
     """SHA-256 of the records: the data file's bytes, or for a folder the names, sizes and times
     of its transcripts and lists (its audio is media)."""
-    h = hashlib.sha256()
     if os.path.isfile(path):
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        return file_sha256(path)
+    h = hashlib.sha256()
     for folder, subfolders, files in sorted(os.walk(path)):
         subfolders[:] = sorted(d for d in subfolders if d != ".higgs_index")
         for name in sorted(f for f in files if f.endswith((".txt", ".csv"))):
@@ -515,7 +512,8 @@ class Dataset:
                     arrays["seg_out"].append(is_out)
                 arrays["seg_offsets"].append(len(segs))
         audio = sorted(media)
-        digest, arrays["media_paths"], arrays["media_states"] = media_state([media[f] for f in audio])
+        digest, arrays["media_paths"], arrays["media_states"] = media_state(
+            [media[f] for f in audio])
         n_ids = [len(x) for x in arrays["ids"]]
         for name in ("ids", "supervised"):
             arrays[name] = np.concatenate(arrays[name]) if n_ids else []
@@ -543,7 +541,8 @@ def index_folder(path: str, spec: Spec) -> str:
     """Where the index of `path` for `spec` lives: .higgs_index/ beside the data, or a cache
     folder (HIGGS_INDEX_CACHE, default ~/.cache/higgs-lora/index) when that is not writable."""
     path = os.path.abspath(path)
-    name = f"{os.path.basename(path)}.{hashlib.sha256((path + spec.key()).encode()).hexdigest()[:16]}"
+    key = hashlib.sha256((path + spec.key()).encode()).hexdigest()[:16]
+    name = f"{os.path.basename(path)}.{key}"
     beside = os.path.join(os.path.dirname(path), ".higgs_index")
     try:
         os.makedirs(beside, exist_ok=True)

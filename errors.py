@@ -1,5 +1,4 @@
-"""The mistakes a user fixes, each printed as one line by every command (exit code 2): a
-ConfigError for flags, devices, paths and disks, a DataError for records and their files."""
+"""The mistakes a user fixes, each printed as one line by every command (exit code 2)."""
 from __future__ import annotations
 
 import errno
@@ -20,16 +19,11 @@ class DataError(UserError):
 
 
 def need_file(path: str, what: str, fix: str, error=DataError) -> str:
-    """`path` if it is a readable file; otherwise an error saying what is wrong with it (missing,
-    a folder, not readable) about `what`, and `fix`."""
-    if os.path.isfile(path):
-        if os.access(path, os.R_OK):
-            return path
-        problem = "is not readable (permission denied)"
-    elif os.path.isdir(path):
-        problem = "is a folder, not a file"
-    else:
-        problem = "not found"
+    """`path` if it is a readable file, else an `error` saying what is wrong with it, and `fix`."""
+    if os.path.isfile(path) and os.access(path, os.R_OK):
+        return path
+    problem = ("is not readable (permission denied)" if os.path.isfile(path) else
+               "is a folder, not a file" if os.path.isdir(path) else "not found")
     raise error(f"{what} {path} {problem}; {fix}")
 
 

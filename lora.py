@@ -1,13 +1,10 @@
 """Hand-written LoRA for Higgs-Audio v2, including the DualFFN audio FFNs.
 
 A LoRA linear is a side path  y = W x + (alpha / r) * B(A(dropout(x)))  with A Kaiming-uniform
-and B zeros, so a fresh adapter leaves the model unchanged. The frozen base weight keeps its
-original parameter name (`...q_proj.weight`), so checkpoints load unchanged; the adapter adds
-`...q_proj.lora_A.weight` / `...lora_B.weight`.
-
-Adapters are written in the PEFT layout (`adapter_model.safetensors` + `adapter_config.json`,
-keys `base_model.model.<module>.lora_A.weight`), whose module paths are those of the official
-model. Merge into a full checkpoint with:
+and B zeros, so a fresh adapter leaves the model unchanged. The frozen base weight keeps its name
+(`...q_proj.weight`), so checkpoints load unchanged. Adapters are written in the PEFT layout
+(`adapter_model.safetensors` + `adapter_config.json`, keys `base_model.model.<module>.lora_A.weight`
+with the official model's module paths). Merge into a full checkpoint with:
 
     python lora.py merge --model CKPT --adapter DIR --out OUT [--format official|transformers]
 """
@@ -30,12 +27,13 @@ from cli import option, parse
 from errors import ConfigError, UserError, io_error, need_file
 from model import MLP, Attention, plain_type, replace_modules, retyped
 
-# Named target groups; anything else given to --lora_targets is a regex on module names.
 TARGET_GROUPS = {
     "attn": r"layers\.\d+\.self_attn\.[qkvo]_proj",
     "mlp": r"layers\.\d+\.mlp\.(gate|up|down)_proj",
     "audio_mlp": r"layers\.\d+\.audio_mlp\.(gate|up|down)_proj",
 }
+TARGETS_HELP = (f"named groups are {', '.join(TARGET_GROUPS)}, anything else is a regex on "
+                "module names")
 DEFAULT_TARGETS = "attn,mlp,audio_mlp"
 PEFT_PREFIX = "base_model.model."
 BASE_MODEL_FILE = "base_model.json"  # beside the adapter: the --model and --seed it was trained on
@@ -63,9 +61,8 @@ class LoRAConfig:
                 try:
                     re.compile(rx)
                 except re.error as e:
-                    raise ConfigError(f"{flag} {rx!r}: not a regular expression ({e}); named groups "
-                                      f"are {', '.join(TARGET_GROUPS)}, anything else is a regex on "
-                                      "module names")
+                    raise ConfigError(f"{flag} {rx!r}: not a regular expression ({e}); "
+                                      + TARGETS_HELP)
 
 
 def target_regexes(text: str) -> list[str]:
@@ -78,15 +75,13 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self.weight, self.bias = base.weight, base.bias
+        for p in base.parameters():
+            p.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        device = base.weight.device
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        fp32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # the masters
+        self.lora_A = nn.Linear(self.in_features, r, **fp32)
+        self.lora_B = nn.Linear(r, self.out_features, **fp32)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -98,7 +93,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        # the side path runs in the activation dtype (bf16 in training); masters stay fp32
+        # the side path runs in the activation dtype (bf16 in training)
         return self.combine(x, F.linear(self.dropout(x), self.lora_A.weight.to(x.dtype)))
 
     def combine(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -108,22 +103,17 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias) + F.linear(low, scaled_b)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
+    def set_merged(self, merged: bool) -> None:
+        """Fold the side path into the base weight (one GEMM to run), or take it back out."""
+        if merged != self.merged:
+            delta = self.delta_weight().to(self.weight.dtype)
+            self.weight += delta if merged else -delta
+            self.merged = merged
 
 
 def grouped_project(x: torch.Tensor, modules: list[LoRALinear]) -> list[torch.Tensor]:
-    """Sibling LoRA linears on one input with their down-projections as one GEMM
-    x @ [A_1; A_2; ...]^T: x is read once, and forward and backward launch one A-side GEMM
-    instead of one per module. Merged adapters take the plain path."""
+    """Sibling LoRA linears on one input, their down-projections as one GEMM x @ [A_1; A_2; ...]^T:
+    x is read once, and one A-side GEMM runs instead of one per module (merged: the plain path)."""
     if any(m.merged for m in modules):
         return [m(x) for m in modules]
     a = torch.cat([m.lora_A.weight for m in modules]).to(x.dtype)
@@ -132,8 +122,7 @@ def grouped_project(x: torch.Tensor, modules: list[LoRALinear]) -> list[torch.Te
 
 
 class GroupedDown:
-    """Training: every sibling linear (q/k/v, gate/up) has an adapter without dropout, so their
-    down-projections run as one GEMM (grouped_project)."""
+    """Training: the sibling linears' adapters have no dropout, so they share one A-side GEMM."""
 
     def project(self, x) -> list[torch.Tensor]:
         return grouped_project(x, [getattr(self, n) for n in self.projections])
@@ -148,11 +137,10 @@ class GroupedLoRAMLP(GroupedDown, MLP):
 
 
 def group_projections(model: nn.Module) -> tuple[int, int]:
-    """Make each Attention and MLP grouped when all its siblings are LoRA linears without dropout
-    (with dropout each keeps its own mask, as in PEFT), and plain otherwise (a fused one would
-    skip its adapters). Returns (grouped, all) of those modules."""
+    """Group each Attention / MLP whose siblings are all LoRA linears without dropout (with dropout
+    each keeps its own mask, as in PEFT); make the others plain (a fused one would skip adapters).
+    Returns (grouped, all) of those modules."""
     grouped = {Attention: GroupedLoRAAttention, MLP: GroupedLoRAMLP}
-    counts = [0, 0]
 
     def make(_, m):
         base = plain_type(m)
@@ -161,18 +149,16 @@ def group_projections(model: nn.Module) -> tuple[int, int]:
         siblings = [getattr(m, n) for n in m.projections]
         want = grouped[base] if all(isinstance(s, LoRALinear) and isinstance(s.dropout, nn.Identity)
                                     for s in siblings) else base
-        counts[0] += want is not base
-        counts[1] += 1
         return retyped(m, want) if type(m) is not want else None
     replace_modules(model, make)
-    return counts[0], counts[1]
+    kinds = [type(m) for m in model.modules() if plain_type(m)]
+    return sum(k in grouped.values() for k in kinds), len(kinds)
 
 
 def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                 targets: str = DEFAULT_TARGETS, trainable_modules: str = "") -> list[str]:
-    """Freeze the model, wrap every nn.Linear whose name fullmatches a target regex, make the
-    modules named in `trainable_modules` (comma-separated regexes) fully trainable, and group
-    the sibling down-projections. Returns the wrapped module names."""
+    """Freeze the model, wrap each nn.Linear whose name fullmatches a target regex, unfreeze the
+    `trainable_modules` regexes' modules, and group the down-projections; the wrapped names."""
     regexes = target_regexes(targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -184,20 +170,17 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: flo
             return LoRALinear(module, r, alpha, dropout)
     replace_modules(model, wrap)
     if not wrapped:
-        raise ConfigError(f"--lora_targets {targets!r} matched no linear layer; named groups are "
-                          f"{', '.join(TARGET_GROUPS)}, anything else is a regex on module names "
+        raise ConfigError(f"--lora_targets {targets!r} matched no linear layer; {TARGETS_HELP} "
                           "such as 'layers\\.\\d+\\.self_attn\\.q_proj'")
     for rx in target_regexes(trainable_modules):
-        hits = [n for n, _ in model.named_modules() if re.fullmatch(rx, n)]
+        hits = [m for n, m in model.named_modules() if re.fullmatch(rx, n)]
         if not hits:
             raise ConfigError(f"--trainable_modules {rx!r} matched no module "
                               "(e.g. 'audio_decoder_proj.audio_lm_head')")
-        for n in hits:
-            for p in model.get_submodule(n).parameters():
-                p.requires_grad_(True)
-    grouped, total = group_projections(model)
+        for module in hits:
+            module.requires_grad_(True)
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, target_modules=wrapped,
-                             grouped=(grouped, total))
+                             grouped=group_projections(model))
     return wrapped
 
 
@@ -220,7 +203,7 @@ def lora_modules(model: nn.Module):
 
 def set_merged(model: nn.Module, merged: bool) -> None:
     for _, m in lora_modules(model):
-        m.merge() if merged else m.unmerge()
+        m.set_merged(merged)
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -233,26 +216,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------------------------
-# Adapter files (PEFT layout)
-
-
+# Adapter files, in the PEFT layout ------------------------------------------------------------
 def save_adapter(model: nn.Module, out_dir: str, base_model: str = "", seed: int = 0) -> None:
     """The adapter in the PEFT layout, and BASE_MODEL_FILE: the base it was trained on (with the
     seed, which builds `tiny`), so that it can be merged wherever it is copied."""
     os.makedirs(out_dir, exist_ok=True)
-    cfg = model.lora_config
+    c = model.lora_config
     state = trainable_state_dict(model)
     checkpoint.save_tensors({PEFT_PREFIX + n: t.float().contiguous().cpu() for n, t in state.items()},
                             os.path.join(out_dir, "adapter_model.safetensors"))
     extra = sorted({n.rsplit(".", 1)[0] for n in state if ".lora_" not in n})
-    peft_config = {
-        "peft_type": "LORA", "task_type": None, "r": cfg["r"], "lora_alpha": cfg["alpha"],
-        "lora_dropout": cfg["dropout"], "target_modules": cfg["target_modules"], "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": extra or None, "base_model_name_or_path": base_model,
-        "use_rslora": False, "use_dora": False,
-    }
+    peft_config = {"peft_type": "LORA", "task_type": None, "r": c["r"], "lora_alpha": c["alpha"],
+                   "lora_dropout": c["dropout"], "target_modules": c["target_modules"],
+                   "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+                   "inference_mode": True, "modules_to_save": extra or None,
+                   "base_model_name_or_path": base_model, "use_rslora": False, "use_dora": False}
     for name, content in (("adapter_config.json", peft_config),
                           (BASE_MODEL_FILE, dict(model=base_model, seed=seed))):
         with open(os.path.join(out_dir, name), "w") as f:
@@ -260,8 +238,7 @@ def save_adapter(model: nn.Module, out_dir: str, base_model: str = "", seed: int
 
 
 def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json, {model parameter name: tensor}) of an adapter folder; a damaged file
-    is a ConfigError naming it."""
+    """(adapter_config.json, {model parameter name: tensor}); a damaged file is a ConfigError."""
     from safetensors.torch import load_file
 
     paths = [need_file(os.path.join(adapter_dir, name), "adapter file", "--adapter is a folder "
@@ -314,9 +291,8 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> None:
 
 
 def base_seed(adapter_dir: str) -> int:
-    """The seed `tiny` (the demo's random base) was built from for this adapter: from the
-    adapter's BASE_MODEL_FILE, or from the config.json of the run or checkpoint folder holding
-    an adapter written before that file existed."""
+    """The seed that built the adapter's `tiny` base: from its BASE_MODEL_FILE, or for an older
+    adapter without one, from the config.json of the run or checkpoint folder holding it."""
     for path in (os.path.join(adapter_dir, BASE_MODEL_FILE),
                  os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), "config.json")):
         if os.path.isfile(path):
@@ -341,10 +317,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-# ----------------------------------------------------------------------------------------------
-# python lora.py merge
-
-
+# python lora.py merge -------------------------------------------------------------------------
 @dataclass
 class MergeConfig:
     """Merge a LoRA adapter into a full checkpoint."""
@@ -380,12 +353,11 @@ def merge(cfg: MergeConfig) -> None:
             dtype = f.get_tensor(next(iter(f.keys()))).dtype
         model = checkpoint.load_model(base, dtype=dtype)  # merged_state_dict adds in fp32
     load_adapter(model, cfg.adapter)
-    state = merged_state_dict(model)  # in the checkpoint's dtype, as the model was loaded
     shard_bytes = max(os.path.getsize(f) for f in files) if len(files) > 1 else 1 << 62
     tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
     try:
         checkpoint.save_checkpoint(model, tmp, fmt=cfg.format, max_shard_bytes=shard_bytes,
-                                   state=state)
+                                   state=merged_state_dict(model))  # in the checkpoint's dtype
         for name in os.listdir(base):  # the tokenizer and other side files travel along
             src = os.path.join(base, name)
             if os.path.isfile(src) and not name.endswith(".safetensors") and \

@@ -1,9 +1,8 @@
 """The training objective: text cross-entropy + per-codebook audio cross-entropy (OFFICIAL.md
 section 7), weighted, plus an optional voice-consistency term.
 
-Each term is kept as a SUM with its COUNT (`Sums`, a dict by term name), so a step adds them over
-micro-batches and ranks and divides once by the global count: the result does not depend on how a
-step's samples are split. Heads are applied only where a label exists.
+Each term is kept as a SUM with its COUNT (`Sums`), added over a step's micro-batches and ranks and
+divided once by the global count, so the result does not depend on how the step is split.
 
 Adding a term (say an audio z-loss) touches three places:
 1. its computation: a `Term` in TERMS, with its count (known before the forward) and its sum;
@@ -62,19 +61,13 @@ class Sums(dict):
                      zip(self.items(), flat.split([p.numel() for p in parts]))})
 
 
-# ----------------------------------------------------------------------------------------------
-# The terms
-
-
 def text_count(batch: Batch, cfg) -> torch.Tensor:
-    """Supervised text tokens, made where the batch is (a host-made tensor copied to the GPU
-    would make the host wait for the forward)."""
+    """Supervised text tokens, on the batch's device: a host tensor's copy would wait on the GPU."""
     return batch.text_targets.new_full((), batch.text_targets.numel(), dtype=torch.float32)
 
 
 def text_ce_sum(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Summed CE of the text head at the supervised positions, at most TEXT_CHUNK_ROWS x vocab
-    logits at once (fp32 for the softmax)."""
+    """Summed text-head CE where supervised, chunked: vocab-wide fp32 logits are large."""
     rows = hidden.reshape(-1, hidden.shape[-1])[batch.text_logit_index]
     total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], TEXT_CHUNK_ROWS):
@@ -102,14 +95,12 @@ def audio_ce_sums(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def voice_groups(batch: Batch, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat positions, group = 2 * row + is_target) of every sample's reference audio (audio-in
-    codes and context audio-out segments) and target audio (trained audio-out segments). An
-    audio-out segment starts with an all-stream-BOS frame; it is trained if it has any label.
+    """(flat positions, group = 2 * row + is_target) of the reference audio (audio-in, context
+    audio-out) and the target audio (trained audio-out segments, each starting with a BOS frame).
     Gathers and scatters of known sizes only, so the host never waits for the GPU."""
     L = batch.input_ids.shape[1]
     out_rows = torch.searchsorted(batch.audio_index, batch.audio_out_index)  # both ascending
-    starts = (batch.audio_codes[out_rows] == bos).all(1)
-    segment = starts.long().cumsum(0) - 1
+    segment = (batch.audio_codes[out_rows] == bos).all(1).long().cumsum(0) - 1
     labelled = (batch.audio_out_labels != IGNORE).any(1).long()
     trained = torch.zeros_like(segment).index_add_(0, segment, labelled) > 0  # per segment
     is_target = torch.zeros_like(batch.audio_index).index_copy_(0, out_rows,
@@ -131,8 +122,7 @@ def voice_count(batch: Batch, cfg) -> torch.Tensor:
 
 
 def voice_consistency_sum(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Sum over samples of 1 - cos(mean final hidden state over the reference-audio positions,
-    mean over the target-audio positions); samples without both add nothing."""
+    """Sum over samples of 1 - cos(mean hidden state of the reference audio, of the target)."""
     B = hidden.shape[0]
     positions, group = voice_groups(batch, model.cfg.audio_stream_bos_id)
     flat = hidden.reshape(-1, hidden.shape[-1]).float()
@@ -173,8 +163,7 @@ def parse_codebook_weights(text: str, K: int) -> torch.Tensor:
 
 
 class Objective:
-    """What the optimiser minimises: each term's sum divided by its count over the whole step,
-    weighted (the audio term averages its codebooks with --codebook_weights)."""
+    """What the optimiser minimises: each term's sum over the whole step's count, weighted."""
 
     def __init__(self, model_cfg, cfg: LossConfig = LossConfig()):
         self.model_cfg, self.cfg = model_cfg, cfg
@@ -191,15 +180,13 @@ class Objective:
         return out
 
     def sums(self, model, hidden: torch.Tensor, batch: Batch) -> Sums:
-        out = Sums()
+        out = self.counts(batch)
         for name, term in self.terms.items():
-            out[name], out[name + "_count"] = term.sum(model, hidden, batch), \
-                term.count(batch, self.model_cfg)
+            out[name] = term.sum(model, hidden, batch)
         return out
 
     def loss(self, sums: Sums, total: Sums) -> torch.Tensor:
-        """The objective of `sums` (one micro-batch's, for backward, or the step's) divided by
-        the step's global counts `total`."""
+        """The objective of `sums` (a micro-batch's or the step's) over the step's `total`."""
         c = self.cfg
         mean = {n: sums[n] / total[n + "_count"].clamp(min=1) for n in self.terms}
         w = self.codebook_weights.to(mean["audio"].device)
@@ -209,13 +196,11 @@ class Objective:
         return loss
 
     def metrics(self, total: Sums) -> dict:
-        """The step's objective (`loss`) and each term as a mean (`audio_loss` over codebooks,
-        each codebook in `audio_loss_per_codebook`), with the token counts."""
+        """The step's objective, each term's mean (audio: over and per codebook) and the counts."""
+        means = {n: (total[n] / total[n + "_count"].clamp(min=1)).tolist() for n in self.terms}
         out = dict(loss=float(self.loss(total, total)))
-        for name in self.terms:
-            mean = (total[name] / total[name + "_count"].clamp(min=1)).tolist()
+        for name, mean in means.items():
             out[f"{name}_loss"] = sum(mean) / len(mean) if isinstance(mean, list) else mean
-        out["audio_loss_per_codebook"] = (total["audio"] / total["audio_count"].clamp(min=1)).tolist()
-        out["num_text_tokens"] = int(total["text_count"])
-        out["num_audio_tokens_per_codebook"] = [int(c) for c in total["audio_count"].tolist()]
-        return out
+        return dict(out, audio_loss_per_codebook=means["audio"],
+                    num_text_tokens=int(total["text_count"]),
+                    num_audio_tokens_per_codebook=[int(c) for c in total["audio_count"].tolist()])

@@ -1,12 +1,10 @@
-"""Hand-written Higgs-Audio v2 model: Llama-3 backbone with DualFFN layers, audio codebook
-embeddings, optional Whisper-style audio tower, text + multi-codebook audio heads.
+"""Hand-written Higgs-Audio v2: a Llama-3 backbone with DualFFN layers, audio codebook embeddings,
+an optional Whisper-style audio tower, and text + multi-codebook audio heads.
 
 Module names mirror the official `boson_multimodal` checkpoint, so `state_dict()` keys are the
-official parameter names; checkpoint.py reads and writes the official and transformers layouts.
-
-The forward takes an already-expanded batch from `collate.py` (every audio placeholder replaced by
-its audio positions) and returns the final normed hidden states; `loss.py` applies the heads only
-where a label exists.
+official parameter names. The forward takes a batch already expanded by `collate.py` (audio
+placeholders replaced by their positions) and returns the final normed hidden states; `loss.py`
+applies the heads only where a label exists.
 """
 from __future__ import annotations
 
@@ -19,9 +17,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from audio_tower import AudioEncoderProj, AudioTower, tower_lengths
-
-# ----------------------------------------------------------------------------------------------
-# Config
 
 
 @dataclass
@@ -80,8 +75,7 @@ class HiggsConfig:
 
     def layer_kind(self, i: int) -> str:
         """'dual' (text + audio FFN), 'fast_forward' (audio positions skip the layer) or 'plain'."""
-        listed = self.audio_dual_ffn_layers is None or i in self.audio_dual_ffn_layers
-        if listed:
+        if self.audio_dual_ffn_layers is None or i in self.audio_dual_ffn_layers:
             return "dual"
         if self.audio_adapter_type == "dual_ffn_fast_forward":
             return "fast_forward"
@@ -90,7 +84,6 @@ class HiggsConfig:
         raise ValueError(f"unsupported audio_adapter_type {self.audio_adapter_type!r} "
                          "(supported: dual_ffn, dual_ffn_fast_forward)")
 
-    # -- presets --------------------------------------------------------------------------------
     @classmethod
     def released(cls) -> "HiggsConfig":
         """The shape of bosonai/higgs-audio-v2-generation-3B-base."""
@@ -98,7 +91,7 @@ class HiggsConfig:
 
     @classmethod
     def tiny(cls, vocab_size: int = 768, special_base: int = 512) -> "HiggsConfig":
-        """A few-hundred-kB model for tests and the demo; special ids mirror 128000+ at special_base."""
+        """A tiny model for tests and the demo; special ids mirror 128000+ at special_base."""
         s = lambda official: special_base + official - 128000  # noqa: E731
         return cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=3,
                    num_heads=4, num_kv_heads=2, head_dim=16, audio_num_codebooks=8,
@@ -108,10 +101,6 @@ class HiggsConfig:
                    pad_token_id=s(128001))
 
 
-# ----------------------------------------------------------------------------------------------
-# Backbone pieces
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -119,10 +108,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -137,7 +125,7 @@ class MLP(nn.Module):
     projections = ("gate_proj", "up_proj")  # linears that read the same input
 
     def project(self, x) -> tuple[torch.Tensor, ...]:
-        """gate and up of x, one linear each (FusedMLP and lora.GroupedLoRAMLP do it otherwise)."""
+        """gate and up of x, a linear each; FusedMLP and lora.GroupedLoRAMLP batch them."""
         return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x):
@@ -189,24 +177,18 @@ class Attention(nn.Module):
     projections = ("q_proj", "k_proj", "v_proj")  # linears that read the same input
 
     def project(self, x) -> tuple[torch.Tensor, ...]:
-        """q, k and v of x, one linear each (FusedAttention and lora.GroupedLoRAAttention do it
-        otherwise)."""
+        """q, k, v of x, a linear each; FusedAttention and lora.GroupedLoRAAttention batch them."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, kv: LayerKV | None = None):
         B, L, _ = x.shape
-        q, k, v = self.project(x)
-        q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = [t.view(B, L, -1, self.head_dim).transpose(1, 2) for t in self.project(x)]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = [t * cos + _rotate_half(t) * sin for t in (q, k)]
         if kv is not None:  # generation: attend over every position run so far (mask is explicit)
             k, v = kv.append(k, v)
-            if L == 1:  # one query per row: the query heads sharing a key/value head become
-                # that head's query rows, so the cache is read once (enable_gqa with a mask
-                # copies every key and value once per query head)
+            if L == 1:  # a key/value head's query heads become its query rows: the cache is read
+                # once, where enable_gqa with a mask would copy it once per query head
                 qg = q.reshape(B, self.num_kv_heads, -1, self.head_dim)
                 scores = torch.matmul(qg, k.transpose(-1, -2)) * self.head_dim ** -0.5
                 scores = scores.masked_fill(~mask, float("-inf")).float().softmax(-1)
@@ -243,14 +225,12 @@ class DecoderLayer(nn.Module):
             self.audio_post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, text_index, audio_index, ff_mask, mask=None, kv=None):
-        """text_index/audio_index: flat positions of each path (the audio FFN runs, on no rows,
-        even when there is no audio, so its adapters always get a gradient: DDP then needs no
-        search for unused parameters). ff_mask: the fast-forward attention mask, None when there
-        is no audio. Generation passes an explicit attention `mask` and the layer's `kv` cache."""
+        """text_index/audio_index: flat positions of each path; the audio FFN runs even on no
+        rows, so its adapters always get a gradient and DDP needs no unused-parameter search.
+        ff_mask is None without audio; generation passes an explicit `mask` and a `kv` cache."""
         B, L, D = h.shape
-        dual = self.kind == "dual"
+        flat, dual = h.reshape(-1, D), self.kind == "dual"
         if dual:  # route each position to its own norm/FFN by index, no boolean copies
-            flat = h.reshape(-1, D)
             normed = merge_rows(self.input_layernorm(flat[text_index]),
                                 self.audio_input_layernorm(flat[audio_index]),
                                 text_index, audio_index).view(B, L, D)
@@ -266,15 +246,13 @@ class DecoderLayer(nn.Module):
         if skip_audio:  # text positions get the FFN; audio positions keep the layer's input
             text = flat2[text_index]
             text = text + self.mlp(self.post_attention_layernorm(text))
-            return merge_rows(text, h.reshape(-1, D)[audio_index], text_index,
-                              audio_index).view(B, L, D)
+            return merge_rows(text, flat[audio_index], text_index, audio_index).view(B, L, D)
         return h2 + self.mlp(self.post_attention_layernorm(h2))
 
     def decode_audio(self, h, cos, sin, mask, kv: StaticLayerKV):
-        """forward for generation's decode step, where every position is audio-out: DualFFN layers
-        take the audio norms and FFN, plain layers the text ones, with no routing. Fast-forward
-        layers pass audio positions through and cache nothing: their keys there are hidden from
-        text queries and only seen by their own query, whose output is discarded."""
+        """forward for the decode step, where every position is audio-out, so nothing is routed.
+        Fast-forward layers pass audio through and cache nothing: text queries never see those
+        keys, and their own query's output is discarded."""
         if self.kind == "fast_forward":
             return h
         dual = self.kind == "dual"
@@ -294,10 +272,6 @@ class DecoderProj(nn.Module):
                                        bias=False)
 
 
-# ----------------------------------------------------------------------------------------------
-# The model
-
-
 class HiggsAudioModel(nn.Module):
     def __init__(self, cfg: HiggsConfig):
         super().__init__()
@@ -311,26 +285,22 @@ class HiggsAudioModel(nn.Module):
         if cfg.has_audio_tower:
             self.audio_tower = AudioTower(cfg)
             self.audio_encoder_proj = AudioEncoderProj(cfg)
-        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.register_buffer("codebook_offsets",
-                             torch.arange(cfg.audio_num_codebooks) * cfg.codebook_rows,
-                             persistent=False)
+        self.register_buffer("rope_inv_freq", None, persistent=False)
+        self.register_buffer("codebook_offsets", None, persistent=False)
+        self.init_buffers(None)
         self.activation_checkpointing = False
 
     def init_buffers(self, device) -> None:
-        """Recompute the non-persistent buffers (they are empty after a meta-device build)."""
+        """(Re)compute the non-persistent buffers, which a meta-device build leaves empty."""
         self.rope_inv_freq = rope_inv_freq(self.cfg, device=device)
         self.codebook_offsets = torch.arange(self.cfg.audio_num_codebooks,
                                              device=device) * self.cfg.codebook_rows
 
     def compile_layers(self, memory_budget: float = 1.0, dynamic: bool | None = True,
                        cpp_wrapper: bool = False) -> None:
-        """torch.compile each decoder layer (dynamic shapes: lengths and the text/audio split vary
-        per batch); fuses norms, RoPE, SwiGLU and LoRA epilogues and recomputes cheap elementwise
-        results in backward instead of storing them. memory_budget < 1 lets the compiler
-        recompute more of the forward in backward to hold fewer activations. cpp_wrapper launches
-        each layer's ~200 kernels from generated C++ instead of Python, so a slow host CPU keeps
-        the GPU waiting less at small batches, at the price of a longer compilation."""
+        """torch.compile each layer, dynamic since lengths and the text/audio split vary per batch.
+        memory_budget < 1 recomputes more of the forward in backward to hold fewer activations;
+        cpp_wrapper launches the kernels from C++, so a slow host keeps the GPU waiting less."""
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = memory_budget
@@ -346,10 +316,9 @@ class HiggsAudioModel(nn.Module):
         h = self.embed_tokens(batch.input_ids)
         B, L, D = h.shape
         flat = h.reshape(B * L, D)
-        if batch.audio_codes.numel():
-            # .to(dtype): under autocast the sum comes out fp32 (the official splice fails there)
-            flat = flat.index_copy(0, batch.audio_index, self.embed_audio_codes(batch.audio_codes)
-                                   .to(flat.dtype))
+        if batch.audio_codes.numel():  # .to: autocast gives an fp32 sum (the official splice fails)
+            audio = self.embed_audio_codes(batch.audio_codes).to(flat.dtype)
+            flat = flat.index_copy(0, batch.audio_index, audio)
         if batch.whisper_index.numel():
             states = self.audio_tower(batch.whisper_features, batch.whisper_mel_lengths)
             _, n_out = tower_lengths(batch.whisper_mel_lengths)
@@ -362,44 +331,36 @@ class HiggsAudioModel(nn.Module):
         """Final normed hidden states (B, L, D) for an expanded batch from `collate.collate`."""
         h = self.embed(batch)
         cos, sin = rope_cos_sin(self.rope_inv_freq, batch.position_ids, h.dtype)
-        ff_mask = None
-        if batch.audio_index.numel() and any(l.kind == "fast_forward" for l in self.layers):
-            ff_mask = fast_forward_mask(batch.audio_mask)
+        needs_ff = batch.audio_index.numel() and any(l.kind == "fast_forward" for l in self.layers)
+        ff_mask = fast_forward_mask(batch.audio_mask) if needs_ff else None
+        recompute = self.activation_checkpointing and self.training
         for layer in self.layers:
             args = (h, cos, sin, batch.text_index, batch.audio_index, ff_mask)
-            if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                h = layer(*args)
+            h = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return self.norm(h)
 
     def forward_cached(self, h, position_ids, audio_mask, valid, cache: KVCache) -> torch.Tensor:
-        """Generation: run new positions (B, Lq) of input embeddings `h` after those already in
-        `cache`, which keeps their keys and values; final normed hidden states (B, Lq, D). Each
-        position attends to every earlier `valid` one and itself, so right-padded prompts and
-        finished rows (their positions invalid) never disturb the others. The layers run
-        uncompiled: compile_layers traced them for training and would recompile every step."""
+        """Generation: run new positions (B, Lq) of embeddings `h` after those in `cache`. Each
+        attends to every earlier `valid` position and itself, so padding and finished rows never
+        disturb the others. Uncompiled: compile_layers' traces would recompile every step."""
         cache.extend(valid, audio_mask)
         Lq, Lk = h.shape[1], cache.valid.shape[1]
         keys = torch.arange(Lk, device=h.device)
         queries = keys[Lk - Lq:, None]
         own = keys == queries
-        mask = ((keys < queries) & cache.valid[:, None, :]) | own  # (B, Lq, Lk)
-        ff_mask = mask & (~cache.audio[:, None, :] | own)  # fast-forward: text never sees audio
+        mask = (((keys < queries) & cache.valid[:, None, :]) | own)[:, None]  # (B, 1, Lq, Lk)
+        ff_mask = mask & (~cache.audio[:, None, None, :] | own)  # text never sees audio
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
         flat = audio_mask.reshape(-1)
         audio_index, text_index = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
         for layer, kv in zip(self.layers, cache.layers):
-            h = layer.forward(h, cos, sin, text_index, audio_index, ff_mask[:, None],
-                              mask[:, None], kv)
+            h = layer.forward(h, cos, sin, text_index, audio_index, ff_mask, mask, kv)
         return self.norm(h)
 
     def decode_step(self, codes, position_ids, active, cache: StaticKVCache) -> torch.Tensor:
-        """Generation's fixed-shape step: feed each row one audio-out frame `codes` (B, K) at
-        position `position_ids` (B, 1), cached in column `cache.at`; the next frame's audio logits
-        (B, K, rows), fp32. Shapes and buffers are the same every frame, so it compiles once and
-        replays as a CUDA graph. Equals forward_cached on the same position (test_generate);
-        finished rows (not `active`) stay hidden from later positions as there."""
+        """Generation's fixed-shape step: one audio-out frame `codes` (B, K) per row, cached in
+        column `cache.at`; the next frame's fp32 logits (B, K, rows). Fixed shapes and buffers let
+        it compile once and replay as a CUDA graph; it equals forward_cached (test_generate)."""
         h = self.embed_audio_codes(codes).to(self.embed_tokens.weight.dtype)[:, None]
         cache.valid[:, cache.at] = active[:, None]
         own = torch.arange(cache.valid.shape[1], device=h.device) == cache.at
@@ -441,9 +402,8 @@ class LayerKV:
 
 
 class KVCache:
-    """Generation state of the backbone: each layer's keys and values, which cached positions
-    are real (padding is never attended) and which are audio codes (hidden from text queries in
-    fast-forward layers)."""
+    """Generation state: each layer's keys and values, which cached positions are real (padding
+    is never attended) and which are audio codes (hidden from text in fast-forward layers)."""
 
     def __init__(self, num_layers: int):
         self.layers = [LayerKV() for _ in range(num_layers)]
@@ -455,9 +415,8 @@ class KVCache:
 
 
 class StaticLayerKV:
-    """One layer's keys and values in preallocated (B, kv_heads, max_len, head_dim) buffers;
-    `append` writes the new position in place at column `at`, a (1,) tensor shared by all layers,
-    so every decode step has the same shapes and addresses (what a CUDA graph replays)."""
+    """One layer's keys and values in preallocated (B, kv_heads, max_len, head_dim) buffers,
+    written in place at column `at` (one for all layers): fixed addresses for a CUDA graph."""
 
     def __init__(self, k, v, at):
         self.k, self.v, self.at = k, v, at
@@ -469,10 +428,8 @@ class StaticLayerKV:
 
 
 class StaticKVCache:
-    """The decode step's cache: the prompt's keys and values from a prefill KVCache, then one
-    column per frame. `valid` (B, max_len) marks the columns later positions may attend: the
-    prompt's real positions and the frames of rows still active. Decode queries are all audio,
-    so unlike KVCache it needs no record of which columns are audio."""
+    """The decode step's cache: a prefill KVCache, then one column per frame; `valid` marks the
+    columns later positions may attend. Decode queries are all audio, so no audio record."""
 
     def __init__(self, cfg: HiggsConfig, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -497,13 +454,8 @@ class StaticKVCache:
         self.at.fill_(n)
 
 
-# ----------------------------------------------------------------------------------------------
-# Initialisation and loading
-
-
 def init_weights(model: HiggsAudioModel) -> None:
-    """Random init for models built from scratch (tests, demo, benchmarks): unit-scale
-    activations (linear std 1/sqrt(fan_in), embeddings std 1), so heads give O(1) logits."""
+    """Random init for tests, demo and benchmarks: unit-scale activations, O(1) logits."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d)):
             fan_in = module.weight[0].numel()
@@ -526,8 +478,8 @@ def build_model(cfg: HiggsConfig, device="cpu", dtype=torch.float32, seed: int =
 
 
 def random_model(cfg: HiggsConfig, device, dtype) -> HiggsAudioModel:
-    """A randomly initialised model built in place on the device (bench.py, rehearse.py): at the
-    released shape, unlike build_model, no fp32 copy passes through host memory."""
+    """A random model built on the device (bench.py, rehearse.py): unlike build_model, no fp32
+    copy of the released shape passes through host memory."""
     torch.manual_seed(0)
     with torch.device(device):
         model = HiggsAudioModel(cfg)
@@ -536,13 +488,12 @@ def random_model(cfg: HiggsConfig, device, dtype) -> HiggsAudioModel:
 
 
 def plain_type(module: nn.Module) -> type | None:
-    """Attention or MLP for a module of one of their kinds (plain, fused, grouped LoRA), else None."""
+    """Attention or MLP for a module of either kind (plain, fused, grouped LoRA), else None."""
     return next((c for c in type(module).__mro__ if c in (Attention, MLP)), None)
 
 
 def retyped(module: nn.Module, cls: type) -> nn.Module:
-    """A module of class `cls` over the same submodules, parameters and attributes: how a model
-    is prepared for generation (FusedAttention) or LoRA (lora.GroupedLoRAAttention)."""
+    """A module of class `cls` sharing `module`'s submodules, parameters and attributes."""
     new = cls.__new__(cls)
     new.__dict__.update({k: v.copy() if k in ("_modules", "_parameters", "_buffers") else v
                          for k, v in module.__dict__.items()})
@@ -562,11 +513,9 @@ def replace_modules(model: nn.Module, make) -> int:
 
 
 class FusedProjections:
-    """For generation: the sibling linears (q/k/v, gate/up) as row blocks of one weight tensor,
-    one GEMM where there were several. A GEMM of a few rows is bound by reading its weights, and
-    one large read is faster than several small ones. The linears keep their names, shapes and
-    values (their weights become views of the fused tensor), so no memory is added; an optimizer
-    made before, or a model.to() after, would not see the new storage."""
+    """For generation: sibling linears (q/k/v, gate/up) as one GEMM, since a GEMM of a few rows is
+    bound by reading its weights. The linears' weights become views of the fused tensor (no memory
+    added), so an optimizer made before, or a model.to() after, would not see the new storage."""
 
     def fuse(self) -> "FusedProjections":
         linears = [getattr(self, n) for n in self.projections]
@@ -590,9 +539,8 @@ class FusedMLP(FusedProjections, MLP):
 
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
-    """Generation's layout (generate.py, bench.py --generate): every Attention and MLP whose
-    sibling linears are plain bias-free nn.Linear becomes a FusedAttention / FusedMLP (linears
-    with an adapter keep their own path). Returns the modules fused."""
+    """For generation: each Attention / MLP whose siblings are bias-free nn.Linear (no adapter)
+    becomes a FusedAttention / FusedMLP. Returns the number fused."""
     fused = {Attention: FusedAttention, MLP: FusedMLP}
 
     def make(_, m):

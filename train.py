@@ -207,9 +207,12 @@ def load_data(path: str, tokenizer, model_cfg, cfg: TrainConfig, d: Dist = Dist(
         raise DataError(shared[0])
     if d.main:
         return dataset
-    folder, media = shared[1]  # the same index, if this rank sees rank 0's disk
-    same = os.path.isfile(os.path.join(folder, "meta.json")) and Dataset(folder, spec).meta["media"] == media
-    return Dataset(folder, spec) if same else open_dataset(path, spec, log=lambda _: None)
+    folder, media = shared[1]  # rank 0's index, if this rank sees rank 0's disk
+    if os.path.isfile(os.path.join(folder, "meta.json")):
+        dataset = Dataset(folder, spec)
+        if dataset.meta["media"] == media:
+            return dataset
+    return open_dataset(path, spec, log=lambda _: None)
 
 
 def step_indices(n: int, global_batch: int, seed: int, epoch: int,
@@ -235,8 +238,8 @@ def micro_batches(step: list[int], d: Dist, batch_size: int, lengths=None) -> li
     another) and every micro-batch samples of like length (little padding)."""
     if lengths is not None:
         step = sorted(step, key=lambda i: lengths[i])
-        step = [i for k in range(0, len(step), d.world)
-                for i in (step[k:k + d.world] if k // d.world % 2 == 0 else step[k:k + d.world][::-1])]
+        rounds = [step[k:k + d.world] for k in range(0, len(step), d.world)]
+        step = [i for k, turn in enumerate(rounds) for i in (turn if k % 2 == 0 else turn[::-1])]
     mine = step[d.rank::d.world]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
@@ -630,7 +633,8 @@ def evaluate(model, samples, collator: Collator, batch_size: int, device, d: Dis
             s = objective.sums(model, model(batch), batch)
         total = s if total is None else total + s
     if total is None:  # a rank with no samples still joins the all-reduce, with zeros
-        total = Sums({k: 0 * v for k, v in objective.counts(collator([samples[0]])).to(device).items()})
+        counts = objective.counts(collator([samples[0]])).to(device)
+        total = Sums({k: 0 * v for k, v in counts.items()})
     if d.world > 1:
         total = total.all_reduced()
     model.train(was_training)
