@@ -308,7 +308,8 @@ def load_audio_tokenizer(path: str, device):
     # which tokenizer wrote a sidecar (its provenance): its config and the sizes of its weights
     weights = sorted((n, os.path.getsize(os.path.join(path, n))) for n in os.listdir(path)
                      if n.endswith(".safetensors"))
-    model.fingerprint = hashlib.sha256((open(config).read() + repr(weights)).encode()).hexdigest()[:16]
+    with open(config, "rb") as f:
+        model.fingerprint = hashlib.sha256(f.read() + repr(weights).encode()).hexdigest()[:16]
     return model
 
 

@@ -331,7 +331,8 @@ class RunDir:
             write(tmp)
             fsync_tree(tmp)
             open(os.path.join(tmp, COMPLETE), "w").close()
-            fsync_tree(tmp)
+            fsync(os.path.join(tmp, COMPLETE))
+            fsync(tmp)
             if os.path.exists(final):
                 os.rename(final, old)
             os.rename(tmp, final)
@@ -478,8 +479,8 @@ def write_skipped(output_dir: str, path: str, split: str, invalid: list) -> None
     kept = []
     if os.path.isfile(out):
         with open(out, encoding="utf-8") as f:
-            kept = [line for line in f
-                    if (json.loads(line)["data"], json.loads(line).get("split")) != (path, split)]
+            kept = [line for line, row in ((line, json.loads(line)) for line in f)
+                    if (row["data"], row.get("split")) != (path, split)]
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(kept + [json.dumps({"data": path, "split": split, "index": x.index,
                                          "source": x.source, "reason": x.reason}) + "\n"
