@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -35,6 +36,8 @@ from generate import Prompt, Sampling, generate, prompt_inputs
 from cli import option, parse
 from collate import Collator
 from data import Spec, open_dataset
+from errors import UserError
+from fp8 import SCALINGS, check_fp8, use_fp8
 from device import autocast, init_distributed, local_rank, resolve_device
 from lora import count_parameters, inject_lora
 from loss import Objective
@@ -63,6 +66,9 @@ class BenchConfig:
     memory_budget: float = option(1.0, "with --compile: activation memory budget; below 1 "
                                   "recomputes cheap ops in backward", above=0, max=1)
     cpp_wrapper: bool = option(False, "with --compile: launch the compiled kernels from C++")
+    fp8: bool = option(False, "the frozen base linears' GEMMs in FP8, as train.py --fp8")
+    fp8_scaling: str = option("rowwise", "with --fp8: a scale per row, or one per tensor",
+                              choices=SCALINGS)
     baseline: bool = option(False, "also time transformers + PEFT on the identical batch (needs "
                             "peft); with --generate: transformers' generate on the same prompts")
     generate: bool = option(False, "time generation instead of training (see above)")
@@ -291,6 +297,9 @@ def bench_train(args: BenchConfig) -> dict:
     cfg = HiggsConfig.released() if args.preset == "released" else HiggsConfig.tiny()
     model = random_model(cfg, device, dtype)
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
+    if args.fp8:
+        check_fp8(device)
+        use_fp8(model, args.fp8_scaling)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
         model.compile_layers(args.memory_budget, cpp_wrapper=args.cpp_wrapper)
@@ -331,7 +340,8 @@ def bench_train(args: BenchConfig) -> dict:
         mfu=step_flops(model, batch) / dt / (args.peak_tflops * 1e12) if cuda else None,
         peak_gib=peak, pipeline_samples_per_s=pipeline_samples_per_s,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-        memory_budget=args.memory_budget, cpp_wrapper=args.cpp_wrapper, **environment())
+        memory_budget=args.memory_budget, cpp_wrapper=args.cpp_wrapper,
+        fp8=args.fp8 and args.fp8_scaling, **environment())
     if d.world > 1:  # the same step through DDP: gradient all-reduce over every rank
         ddp_dt, _, _ = time_steps(training_step(data_parallel(model, objective, device, d.world)),
                                   args.warmup, args.steps, device)
@@ -385,6 +395,7 @@ def bench_data(args: BenchConfig) -> dict:
                 "--save_every", str(10 ** 9), "--log_every", str(per_epoch),
                 "--compile_memory_budget", str(args.memory_budget)]
         argv += ["--peak_tflops", str(args.peak_tflops)] * cuda + ["--compile"] * args.compile
+        argv += ["--fp8", "--fp8_scaling", args.fp8_scaling] * args.fp8
         argv += ["--compile_cpp_wrapper"] * args.cpp_wrapper + \
             ["--activation_checkpointing"] * args.activation_checkpointing
         hook = register_optimizer_step_post_hook(probe)
@@ -445,4 +456,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad flag or device: one line, as in every command
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -100,7 +100,11 @@ class LoRALinear(nn.Module):
         """W x + (alpha/r) B low, for low = A dropout(x). The scaling multiplies the small B
         instead of the (positions, out) product: one pass less over the activations."""
         scaled_b = (self.lora_B.weight * self.scaling).to(x.dtype)
-        return F.linear(x, self.weight, self.bias) + F.linear(low, scaled_b)
+        return self.base(x) + F.linear(low, scaled_b)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen W x (fp8.Float8LoRALinear runs it in FP8)."""
+        return F.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
     def set_merged(self, merged: bool) -> None:

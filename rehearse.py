@@ -27,6 +27,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
+USAGE = "usage: python3 rehearse.py corpus DIR [--clips N] [--lengths 1,20] " \
+    "[--codebook_size 1024]"
 DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "tokenizer")
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing near an old "
          "bridge in the warm morning light and people walk slowly to the market").split()
@@ -289,12 +291,31 @@ def option(argv: list[str], name: str, default: str) -> str:
     return argv[argv.index(name) + 1] if name in argv else default
 
 
+def corpus_flags(argv: list[str]) -> tuple[int, tuple[float, float], int]:
+    """corpus's flags, each checked: (clips, (shortest, longest) seconds, codebook size)."""
+    for flag in argv[2::2]:
+        if flag not in ("--clips", "--lengths", "--codebook_size"):
+            raise SystemExit(f"error: rehearse.py corpus: unknown flag {flag}; {USAGE}")
+    try:
+        clips, size = int(option(argv, "--clips", "1000")), int(option(argv, "--codebook_size", "1024"))
+        lengths = tuple(float(x) for x in option(argv, "--lengths", "1,20").split(","))
+    except (ValueError, IndexError) as e:
+        raise SystemExit(f"error: rehearse.py corpus: {e}; {USAGE}")
+    if clips < 1 or size < 1 or len(lengths) != 2 or not 0 < lengths[0] <= lengths[1] <= 600:
+        raise SystemExit(f"error: rehearse.py corpus: --clips {clips}, --lengths "
+                         f"{option(argv, '--lengths', '1,20')}, --codebook_size {size}: need "
+                         "clips and codebook size of at least 1 and 0 < shortest <= longest <= 600")
+    return clips, lengths, size
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("corpus", "assets", "stage", "report") or \
+            argv[1].startswith("-"):
+        print(__doc__, file=sys.stderr)
+        return 2
     command, work = argv[0], argv[1]
     if command == "corpus":
-        corpus(work, int(option(argv, "--clips", "1000")),
-               tuple(float(x) for x in option(argv, "--lengths", "1,20").split(",")),
-               int(option(argv, "--codebook_size", "1024")))
+        corpus(work, *corpus_flags(argv))
     elif command == "assets":
         assets(work, "--tiny" in argv)
     elif command == "stage":

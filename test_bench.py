@@ -1,5 +1,7 @@
 """bench.py's CPU smoke path (the GPU numbers come from device runs, README 'Performance')."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -40,3 +42,11 @@ def test_bench_data_times_the_real_path_and_reports_its_json_fields():
     assert r["first_epoch_positions_per_s"] > 0 and r["steady_positions_per_s"] > 0
     assert 0 <= r["padding_fraction"] < 0.5 and r["fixed_positions_per_s"] > 0
     assert {"first_epoch_share", "steady_share", "host_syncs_per_step", "compiled_graphs"} <= r.keys()
+
+
+def test_bench_fp8_without_fp8_tensor_cores_is_one_line():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu",
+                          "--preset", "tiny", "--fp8"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: --fp8 needs a GPU with FP8 tensor cores (H100 or newer); the device is cpu; "
+        "leave --fp8 off"], out.stderr

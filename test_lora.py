@@ -1,6 +1,7 @@
 """LoRA: a fresh adapter is the identity, merge equals the side path, sibling adapters share one
 down-projection, only adapters (and chosen modules) train, and adapters load in PEFT and merge
 into both checkpoint layouts."""
+import copy
 import json
 import os
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fp8
 import lora
 from checkpoint import load_model, load_tokenizer
 from collate import Collator
@@ -100,6 +102,55 @@ def test_only_lora_and_chosen_modules_get_gradients(tiny_ckpt):
                              for n in with_grad), with_grad
     assert "audio_decoder_proj.audio_lm_head.weight" in with_grad
     assert not any("self_attn" in n or ".mlp." in n for n in with_grad)
+
+
+def test_fp8_gemms_are_the_products_of_their_quantised_operands():
+    """Both GEMMs of a frozen FP8 linear equal the same products of the dequantised operands (the
+    tensor-wise kernel runs on CPU), and land within e4m3's rounding of the exact ones."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 64, requires_grad=True)
+    w, dy = torch.randn(48, 64) * 0.1, torch.randn(40, 48)
+    w8, w_scale = fp8.quantize(w, rowwise=False)
+    wt8, wt_scale = fp8.quantize(w.t().contiguous(), rowwise=False)
+    y = fp8.Float8Matmul.apply(x, w8, w_scale, wt8, wt_scale, False)
+    y.backward(dy)
+    for t, rowwise in ((x, False), (x, True), (w, True)):  # the scales bound every element
+        t8, scale = fp8.quantize(t.detach(), rowwise)
+        assert t8.dtype == torch.float8_e4m3fn and t8.float().abs().max() <= 448
+        torch.testing.assert_close(t8.float() * scale, t.detach(), rtol=0.0625, atol=1e-6)
+    dequantised = [q.float() * s for q, s in (fp8.quantize(x.detach(), False), (w8, w_scale))]
+    torch.testing.assert_close(y, dequantised[0] @ dequantised[1].t(), rtol=1e-5, atol=1e-5)
+    dy_deq = [q.float() * s for q, s in (fp8.quantize(dy, False), (wt8, wt_scale))]
+    torch.testing.assert_close(x.grad, dy_deq[0] @ dy_deq[1].t(), rtol=1e-5, atol=1e-5)
+    for got, exact in ((y, x.detach() @ w.t()), (x.grad, dy @ w)):
+        assert ((got - exact).norm() / exact.norm()) < 0.06
+
+
+def test_fp8_linears_train_like_bf16_and_leave_the_weights_and_adapters_alone(tiny_ckpt):
+    """use_fp8 retypes every frozen linear of the layers (heads stay), keeps the state dict, and a
+    step's adapter gradients follow the unconverted model's; a merged adapter runs its bf16 weight."""
+    model, batch = demo_batch(tiny_ckpt)
+    inject_lora(model, r=4, alpha=8, targets="audio_mlp")
+    randomize_adapters(model)
+    converted = copy.deepcopy(model)
+    keys = set(model.state_dict())
+    assert fp8.use_fp8(converted, "tensorwise") == 3 * (4 + 3 + 3)  # all of each layer's linears
+    kinds = {n: type(m) for n, m in converted.named_modules()}
+    assert kinds["layers.0.audio_mlp.up_proj"] is fp8.Float8LoRALinear
+    assert kinds["layers.0.self_attn.q_proj"] is fp8.Float8Linear
+    assert kinds["audio_decoder_proj.audio_lm_head"] is torch.nn.Linear
+    assert set(converted.state_dict()) == keys
+    grads = []
+    for m in (model, converted):
+        s = Objective(m.cfg).sums(m, m(batch), batch)
+        (s["text"] + s["audio"].sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]))
+    assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.99
+    assert not torch.equal(*grads)  # the FP8 GEMMs ran
+    set_merged(converted, True)
+    up = converted.layers[0].audio_mlp.up_proj
+    x = torch.randn(5, up.in_features)
+    assert torch.equal(up(x), torch.nn.functional.linear(x, up.weight))
 
 
 @pytest.mark.slow

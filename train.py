@@ -31,6 +31,7 @@ from data import Dataset, Fingerprint, Spec, open_dataset
 from device import Dist, autocast, init_distributed, local_rank, resolve_device
 from errors import ConfigError, DataError, UserError
 from formats import invalid_summary
+from fp8 import SCALINGS, check_fp8, use_fp8
 from listen import ListenConfig, Listener
 from lora import (LoRAConfig, count_parameters, describe_lora, inject_lora, load_adapter, load_base,
                   save_adapter)
@@ -98,6 +99,10 @@ class SpeedConfig:
                                             "about 1/3 slower")
     peak_tflops: float = option(0.0, "per-GPU peak bf16 TFLOP/s for MFU; 0: 989 (H100) on GPU, "
                                 "no MFU on CPU", min=0)
+    fp8: bool = option(False, "the frozen base linears' GEMMs in FP8 (H100 or newer; not exact: "
+                       "README Performance)", on_resume="applied")
+    fp8_scaling: str = option("rowwise", "with --fp8: a scale per row, or one per tensor",
+                              choices=SCALINGS, on_resume="applied")
 
 
 @dataclass
@@ -309,6 +314,9 @@ def add_lora(model, cfg: TrainConfig, log) -> list:
     c = cfg.lora
     inject_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets, c.trainable_modules)
     log(describe_lora(model))
+    if cfg.speed.fp8:
+        log(f"fp8: {use_fp8(model, cfg.speed.fp8_scaling)} frozen linears run their GEMMs in FP8 "
+            f"({cfg.speed.fp8_scaling} scales)")
     model.activation_checkpointing = cfg.speed.activation_checkpointing
     if cfg.speed.compile:
         model.compile_layers(cfg.speed.compile_memory_budget, cpp_wrapper=cfg.speed.compile_cpp_wrapper)
@@ -395,6 +403,8 @@ def started(cfg: TrainConfig):
     """Flags checked, then (Dist, device, dtype); the process group is closed however it ends."""
     cfg.check()
     device, dtype = resolve_device(cfg.speed.device, cfg.speed.dtype, local_rank())
+    if cfg.speed.fp8:
+        check_fp8(device)
     d = init_distributed(device)
     try:
         yield d, device, dtype
