@@ -8,7 +8,8 @@
 
 A training sample: text, a --ref_seconds reference clip, text, a trained --target_seconds clip.
 --generate times whole greedy voice-cloning calls; --data times train.py itself on a data file or
-folder (`python rehearse.py corpus` writes one) from a fresh start, against the fixed-shape step;
+folder (`python rehearse.py corpus` writes one) from a fresh start, against the fixed-shape step
+(under torchrun, N times one GPU's step: the shares then include the scaling);
 --baseline also times transformers (+ PEFT) on the same inputs. The last line is JSON.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import shutil
 import os
 import platform
 import statistics
@@ -385,11 +387,14 @@ def bench_data(args: BenchConfig) -> dict:
             with open(os.path.join(spec, "config.json"), "w") as f:
                 json.dump(official_config(cfg), f)
         tokenizer, _ = model_spec(spec)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world, main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+        # every rank trains into one folder (one per torchrun), rank 0 writes the metrics
+        run = os.path.join(tmp, "run") if world == 1 else os.path.join(
+            tempfile.gettempdir(), f"bench_data_{os.environ.get('MASTER_PORT', '0')}")
         samples = len(open_dataset(args.data, Spec(cfg, tokenizer, 4096)))
         per_epoch = samples // (args.batch_size * world)
         argv = ["--model", spec, "--train_data", args.data, "--eval_data", "", "--device",
-                device.type, "--output_dir", os.path.join(tmp, "run"), "--batch_size",
+                device.type, "--output_dir", run, "--overwrite", "--batch_size",
                 str(args.batch_size), "--lora_r", str(args.lora_r), "--lora_alpha",
                 str(args.lora_alpha), "--max_steps", str(args.epochs * per_epoch),
                 "--save_every", str(10 ** 9), "--log_every", str(per_epoch),
@@ -407,8 +412,12 @@ def bench_data(args: BenchConfig) -> dict:
         hook.remove()
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
-        with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
+        if not main:
+            return bench_train(args)  # its DDP step needs every rank
+        with open(os.path.join(run, "metrics.jsonl")) as f:
             steps = [r for r in map(json.loads, f) if "loss" in r]
+        if world > 1:
+            shutil.rmtree(run)
 
     def rate(epoch):  # positions/s over an epoch's steps; step 1 compiles and is left out
         rows = [r for r in steps[1:] if r["epoch"] == epoch]
@@ -436,6 +445,9 @@ def bench_data(args: BenchConfig) -> dict:
         compiled_graphs=dynamo_utils.counters["stats"]["unique_graphs"])
     fixed = bench_train(args)
     speed = result["fixed_positions_per_s"] = fixed["positions_per_s"]
+    if world > 1:  # train.py's rates count every rank; the fixed step's is one GPU's
+        speed *= world
+        result.update(world_size=world, fixed_scaling_efficiency=fixed.get("scaling_efficiency"))
     result.update(first_epoch_share=result["first_epoch_positions_per_s"] / speed,
                   steady_share=result["steady_positions_per_s"] / speed,
                   **{k: fixed[k] for k in ("preset", "device", "batch_size", "compile")},
