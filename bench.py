@@ -68,6 +68,7 @@ class BenchConfig:
     memory_budget: float = option(1.0, "with --compile: activation memory budget; below 1 "
                                   "recomputes cheap ops in backward", above=0, max=1)
     cpp_wrapper: bool = option(False, "with --compile: launch the compiled kernels from C++")
+    pad_multiple: int = option(8, "with --data: train.py's --pad_multiple", min=1)
     fp8: bool = option(False, "the frozen base linears' GEMMs in FP8, as train.py --fp8")
     fp8_scaling: str = option("rowwise", "with --fp8: a scale per row, or one per tensor",
                               choices=SCALINGS)
@@ -400,7 +401,8 @@ def bench_data(args: BenchConfig) -> dict:
                 "--save_every", str(10 ** 9), "--log_every", str(per_epoch),
                 "--compile_memory_budget", str(args.memory_budget)]
         argv += ["--peak_tflops", str(args.peak_tflops)] * cuda + ["--compile"] * args.compile
-        argv += ["--fp8", "--fp8_scaling", args.fp8_scaling] * args.fp8
+        argv += ["--fp8", "--fp8_scaling", args.fp8_scaling] * args.fp8 + \
+            ["--pad_multiple", str(args.pad_multiple)]
         argv += ["--compile_cpp_wrapper"] * args.cpp_wrapper + \
             ["--activation_checkpointing"] * args.activation_checkpointing
         hook = register_optimizer_step_post_hook(probe)

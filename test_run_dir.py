@@ -155,6 +155,7 @@ def test_resume_refuses_model_and_data_changes_and_applies_schedule_changes(tmp_
 
 BAD_FLAGS = [  # (argv, words of the one-line error)
     (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    (["--pad_multiple", "0"], "--pad_multiple 0: must be >= 1"),
     (["--fp8"], "--fp8 needs a GPU with FP8 tensor cores (H100 or newer); the device is cpu"),
     (["--grad_accum", "0"], "--grad_accum 0: must be >= 1"),
     (["--lora_r", "0"], "--lora_r 0: must be >= 1"),

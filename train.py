@@ -99,6 +99,9 @@ class SpeedConfig:
                                             "about 1/3 slower")
     peak_tflops: float = option(0.0, "per-GPU peak bf16 TFLOP/s for MFU; 0: 989 (H100) on GPU, "
                                 "no MFU on CPU", min=0)
+    pad_multiple: int = option(8, "pad each batch's length up to a multiple of N: on a GPU each "
+                               "new length costs extra the first time, padding costs every time",
+                               min=1, max=4096, on_resume="applied")
     fp8: bool = option(False, "the frozen base linears' GEMMs in FP8 (H100 or newer; not exact: "
                        "README Performance)", on_resume="applied")
     fp8_scaling: str = option("rowwise", "with --fp8: a scale per row, or one per tensor",
@@ -459,9 +462,10 @@ def setup(cfg: TrainConfig, d: Dist, device, dtype, run: RunDir, base=None) -> T
         apply_optim_settings(optimizer, scheduler, cfg.optim)
         log(f"resumed from {ckpt.folder} at step {position['step']}")
     run.start(settings, position["step"], cfg.run.loggers(), resumed=bool(ckpt), log=log)
+    collator = Collator(model_cfg, cfg.speed.pad_multiple)
     return Training(cfg, d, device, partial(autocast, device, dtype), run, settings, objective,
-                    train_data, eval_data, Collator(model_cfg), listener, model, module, params,
-                    optimizer, scheduler, position, log)
+                    train_data, eval_data, collator, listener, model, module, params, optimizer,
+                    scheduler, position, log)
 
 
 def resume_point(cfg: TrainConfig, run: RunDir, d: Dist, log):
@@ -664,8 +668,8 @@ def evaluate_only(cfg: TrainConfig) -> dict:
         if cfg.adapter:
             load_adapter(model, cfg.adapter)
         t0 = time.time()
-        metrics = evaluate(model, samples, Collator(model.cfg), cfg.optim.batch_size, device, d,
-                           partial(autocast, device, dtype))
+        metrics = evaluate(model, samples, Collator(model.cfg, cfg.speed.pad_multiple),
+                           cfg.optim.batch_size, device, d, partial(autocast, device, dtype))
         metrics.update(num_samples=len(samples), seconds=round(time.time() - t0, 3))
         if d.main:
             os.makedirs(cfg.run.output_dir, exist_ok=True)
