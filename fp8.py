@@ -40,7 +40,7 @@ def quantize(t: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor
     amax = t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()
     # 448: e4m3's largest value; a literal, since Dynamo lifts a global float as a graph input
     scale = amax.float().clamp(min=1e-12) / 448.0
-    return (t.float() / scale).to(E4M3), scale
+    return (t.float() / scale).to(E4M3).contiguous(), scale  # row-major, as the kernel reads
 
 
 def scaled_mm(a8, a_scale, b8_t, b_scale, out_dtype) -> torch.Tensor:
