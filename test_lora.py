@@ -126,6 +126,29 @@ def test_fp8_gemms_are_the_products_of_their_quantised_operands():
         assert ((got - exact).norm() / exact.norm()) < 0.06
 
 
+
+def test_fp8_rowwise_operands_meet_the_cuda_kernels_contract(monkeypatch):
+    """Row-wise scaling runs on CUDA only; here a stand-in kernel checks what torch._scaled_mm
+    demands there (a row-major left and column-major right fp8 matrix, dimensions in multiples of
+    16, float32 scales of (M, 1) and (1, N)) and computes the product of the dequantised operands."""
+    def scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        assert a.dtype == b.dtype == torch.float8_e4m3fn and a.is_contiguous() and b.t().is_contiguous()
+        assert a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0
+        assert scale_a.shape == (a.shape[0], 1) and scale_b.shape == (1, b.shape[1])
+        assert scale_a.dtype == scale_b.dtype == torch.float32 and scale_b.is_contiguous()
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False).requires_grad_(False)
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([linear])})
+    assert fp8.use_fp8(model, "rowwise") == 1
+    x = torch.randn(3, 7, 64, requires_grad=True)  # 21 rows: any number of rows is allowed
+    y = model["layers"][0](x)
+    y.backward(torch.ones_like(y))
+    assert ((y - x @ linear.weight.t()).norm() / (x @ linear.weight.t()).norm()) < 0.06
+    exact = torch.ones(21, 48) @ linear.weight
+    assert ((x.grad.reshape(21, 64) - exact).norm() / exact.norm()) < 0.06
+
 def test_fp8_linears_train_like_bf16_and_leave_the_weights_and_adapters_alone(tiny_ckpt):
     """use_fp8 retypes every frozen linear of the layers (heads stay), keeps the state dict, and a
     step's adapter gradients follow the unconverted model's; a merged adapter runs its bf16 weight."""
