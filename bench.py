@@ -301,7 +301,7 @@ def bench_train(args: BenchConfig) -> dict:
     model = random_model(cfg, device, dtype)
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     if args.fp8:
-        check_fp8(device)
+        check_fp8(device, dtype)
         use_fp8(model, args.fp8_scaling)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:

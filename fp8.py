@@ -7,8 +7,7 @@ each scaled along the dimension the GEMM keeps), x and dy at every step. Row-wis
 each row (a position, an output feature) its own scale; tensor-wise one scale per tensor, fewer
 kernels but coarser. The LoRA side path, norms, attention, heads and everything trained stay in
 bf16, and the bf16 weights stay too (merging, saving and the fp8 copies' source), so adapters
-trained with --fp8 are ordinary adapters. FP8 GEMMs are not exact: README "Performance" gives the
-loss against bf16.
+trained with --fp8 are ordinary adapters. FP8 GEMMs are not exact (README "Performance").
 """
 from __future__ import annotations
 
@@ -23,8 +22,9 @@ E4M3 = torch.float8_e4m3fn
 SCALINGS = ("rowwise", "tensorwise")
 
 
-def check_fp8(device: torch.device) -> None:
-    """FP8 tensor cores are on compute capability 8.9 (Ada) and 9.0 (Hopper) and newer."""
+def check_fp8(device: torch.device, dtype: torch.dtype) -> None:
+    """FP8 tensor cores are on compute capability 8.9 (Ada) and 9.0 (Hopper) and newer; the GEMMs
+    write bf16, the activations' dtype."""
     if device.type != "cuda":
         raise ConfigError(f"--fp8 needs a GPU with FP8 tensor cores (H100 or newer); the device is "
                           f"{device.type}; leave --fp8 off")
@@ -33,6 +33,9 @@ def check_fp8(device: torch.device) -> None:
         raise ConfigError(f"--fp8 needs FP8 tensor cores (compute capability 8.9 or newer); "
                           f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}; "
                           "leave --fp8 off")
+    if dtype != torch.bfloat16:
+        raise ConfigError(f"--fp8 runs under bfloat16 compute; --dtype is {str(dtype)[6:]}; use "
+                          "--dtype bfloat16 (auto on a GPU) or leave --fp8 off")
 
 
 def quantize(t: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ into both checkpoint layouts."""
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -148,6 +149,20 @@ def test_fp8_rowwise_operands_meet_the_cuda_kernels_contract(monkeypatch):
     assert ((y - x @ linear.weight.t()).norm() / (x @ linear.weight.t()).norm()) < 0.06
     exact = torch.ones(21, 48) @ linear.weight
     assert ((x.grad.reshape(21, 64) - exact).norm() / exact.norm()) < 0.06
+
+
+def test_fp8_refuses_what_it_cannot_run(monkeypatch):
+    from errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    cases = [("cpu", (9, 0), torch.bfloat16, "the device is cpu"),
+             ("cuda", (8, 0), torch.bfloat16, "NVIDIA A100 has 8.0"),
+             ("cuda", (9, 0), torch.float32, "--dtype is float32; use --dtype bfloat16")]
+    for device, capability, dtype, words in cases:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            fp8.check_fp8(torch.device(device), dtype)
+    fp8.check_fp8(torch.device("cuda"), torch.bfloat16)  # an H100 under bf16 passes
 
 def test_fp8_linears_train_like_bf16_and_leave_the_weights_and_adapters_alone(tiny_ckpt):
     """use_fp8 retypes every frozen linear of the layers (heads stay), keeps the state dict, and a

@@ -407,7 +407,7 @@ def started(cfg: TrainConfig):
     cfg.check()
     device, dtype = resolve_device(cfg.speed.device, cfg.speed.dtype, local_rank())
     if cfg.speed.fp8:
-        check_fp8(device)
+        check_fp8(device, dtype)
     d = init_distributed(device)
     try:
         yield d, device, dtype
