@@ -667,6 +667,8 @@ def evaluate_only(cfg: TrainConfig) -> dict:
             checkpoint.load(cfg.model, device, dtype, cfg.seed)
         if cfg.adapter:
             load_adapter(model, cfg.adapter)
+        if cfg.speed.fp8:  # evaluated as --fp8 trains
+            use_fp8(model, cfg.speed.fp8_scaling)
         t0 = time.time()
         metrics = evaluate(model, samples, Collator(model.cfg, cfg.speed.pad_multiple),
                            cfg.optim.batch_size, device, d, partial(autocast, device, dtype))
