@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import shutil
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,9 +38,9 @@ from generate import Prompt, Sampling, generate, prompt_inputs
 from cli import option, parse
 from collate import Collator
 from data import Spec, open_dataset
+from device import autocast, init_distributed, local_rank, resolve_device
 from errors import UserError
 from fp8 import SCALINGS, check_fp8, use_fp8
-from device import autocast, init_distributed, local_rank, resolve_device
 from lora import count_parameters, inject_lora
 from loss import Objective
 from model import HiggsAudioModel, HiggsConfig, KVCache, fuse_projections, random_model
