@@ -22,13 +22,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
 import torch
 
-USAGE = "usage: python3 rehearse.py corpus DIR [--clips N] [--lengths 1,20] " \
-    "[--codebook_size 1024]"
+from cli import option, parse
+
 DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "tokenizer")
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing near an old "
          "bridge in the warm morning light and people walk slowly to the market").split()
@@ -287,25 +288,29 @@ def corpus(out: str, clips: int, lengths: tuple[float, float], codebook_size: in
     print(f"corpus: {clips} clips, {seconds.sum() / 3600:.1f} h in {out}")
 
 
-def option(argv: list[str], name: str, default: str) -> str:
+def flag_value(argv: list[str], name: str, default: str) -> str:
     return argv[argv.index(name) + 1] if name in argv else default
 
 
-def corpus_flags(argv: list[str]) -> tuple[int, tuple[float, float], int]:
-    """corpus's flags, each checked: (clips, (shortest, longest) seconds, codebook size)."""
-    for flag in argv[2::2]:
-        if flag not in ("--clips", "--lengths", "--codebook_size"):
-            raise SystemExit(f"error: rehearse.py corpus: unknown flag {flag}; {USAGE}")
+@dataclass
+class CorpusConfig:
+    """python3 rehearse.py corpus DIR [flags]: a realistic-length corpus in DIR"""
+    clips: int = option(1000, "clips to write", min=1)
+    lengths: str = option("1,20", "shortest,longest clip in seconds (log-normal, median 6 s)")
+    codebook_size: int = option(1024, "random codes in [0, N)", min=1)
+
+
+def corpus_lengths(text: str) -> tuple[float, float]:
+    """--lengths as (shortest, longest) seconds, or one line and exit 2."""
     try:
-        clips, size = int(option(argv, "--clips", "1000")), int(option(argv, "--codebook_size", "1024"))
-        lengths = tuple(float(x) for x in option(argv, "--lengths", "1,20").split(","))
-    except (ValueError, IndexError) as e:
-        raise SystemExit(f"error: rehearse.py corpus: {e}; {USAGE}")
-    if clips < 1 or size < 1 or len(lengths) != 2 or not 0 < lengths[0] <= lengths[1] <= 600:
-        raise SystemExit(f"error: rehearse.py corpus: --clips {clips}, --lengths "
-                         f"{option(argv, '--lengths', '1,20')}, --codebook_size {size}: need "
-                         "clips and codebook size of at least 1 and 0 < shortest <= longest <= 600")
-    return clips, lengths, size
+        lengths = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        lengths = ()
+    if len(lengths) != 2 or not 0 < lengths[0] <= lengths[1] <= 600:
+        print(f"error: --lengths {text}: need shortest,longest with 0 < shortest <= longest <= 600 "
+              "(see --help)", file=sys.stderr)
+        raise SystemExit(2)
+    return lengths
 
 
 def main(argv: list[str]) -> int:
@@ -315,12 +320,13 @@ def main(argv: list[str]) -> int:
         return 2
     command, work = argv[0], argv[1]
     if command == "corpus":
-        corpus(work, *corpus_flags(argv))
+        c = parse(CorpusConfig, argv[2:], CorpusConfig.__doc__)
+        corpus(work, c.clips, corpus_lengths(c.lengths), c.codebook_size)
     elif command == "assets":
         assets(work, "--tiny" in argv)
     elif command == "stage":
         split = argv.index("--")
-        return stage(work, argv[2], argv[split + 1:], option(argv[:split], "--kill_when", ""))
+        return stage(work, argv[2], argv[split + 1:], flag_value(argv[:split], "--kill_when", ""))
     elif command == "report":
         print(json.dumps(report(work)))
     return 0

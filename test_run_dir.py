@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import generate
 import lora
+import rehearse
 import run_dir
 import train
 from errors import ConfigError, DataError, need_file
@@ -208,6 +209,11 @@ def test_other_commands_check_their_flags(tmp_path, capsys):
                             "--format", "gguf"]), "--format: invalid choice: 'gguf'"),
         (lambda: lora.main(["merge", "--model", "tiny", "--adapter", str(tmp_path), "--out",
                             str(tmp_path)]), "is not empty"),
+        (lambda: rehearse.main(["corpus", str(tmp_path / "c"), "--clips", "0"]),
+         "--clips 0: must be >= 1"),
+        (lambda: rehearse.main(["corpus", str(tmp_path / "c"), "--lengths", "20,1"]),
+         "--lengths 20,1: need shortest,longest"),
+        (lambda: rehearse.main(["corpus", "--help"]), "python3 rehearse.py corpus DIR [--clips N]"),
     ]
     for run, words in checks:
         try:
