@@ -299,18 +299,19 @@ class CorpusConfig:
     lengths: str = option("1,20", "shortest,longest clip in seconds (log-normal, median 6 s)")
     codebook_size: int = option(1024, "random codes in [0, N)", min=1)
 
+    def __post_init__(self):
+        self.seconds()  # a bad --lengths fails in cli.parse: one line, exit 2
 
-def corpus_lengths(text: str) -> tuple[float, float]:
-    """--lengths as (shortest, longest) seconds, or one line and exit 2."""
-    try:
-        lengths = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        lengths = ()
-    if len(lengths) != 2 or not 0 < lengths[0] <= lengths[1] <= 600:
-        print(f"error: --lengths {text}: need shortest,longest with 0 < shortest <= longest <= 600 "
-              "(see --help)", file=sys.stderr)
-        raise SystemExit(2)
-    return lengths
+    def seconds(self) -> tuple[float, float]:
+        """--lengths as (shortest, longest)."""
+        try:
+            lengths = tuple(float(x) for x in self.lengths.split(","))
+        except ValueError:
+            lengths = ()
+        if len(lengths) != 2 or not 0 < lengths[0] <= lengths[1] <= 600:
+            raise ValueError(f"--lengths {self.lengths}: need shortest,longest with 0 < shortest "
+                             "<= longest <= 600")
+        return lengths
 
 
 def main(argv: list[str]) -> int:
@@ -321,7 +322,7 @@ def main(argv: list[str]) -> int:
     command, work = argv[0], argv[1]
     if command == "corpus":
         c = parse(CorpusConfig, argv[2:], CorpusConfig.__doc__)
-        corpus(work, c.clips, corpus_lengths(c.lengths), c.codebook_size)
+        corpus(work, c.clips, c.seconds(), c.codebook_size)
     elif command == "assets":
         assets(work, "--tiny" in argv)
     elif command == "stage":
