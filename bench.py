@@ -39,7 +39,7 @@ from cli import option, parse
 from collate import Collator
 from data import Spec, open_dataset
 from device import autocast, init_distributed, local_rank, resolve_device
-from errors import UserError
+from errors import ConfigError, UserError
 from fp8 import SCALINGS, check_fp8, use_fp8
 from lora import count_parameters, inject_lora
 from loss import Objective
@@ -301,7 +301,6 @@ def bench_train(args: BenchConfig) -> dict:
     model = random_model(cfg, device, dtype)
     inject_lora(model, args.lora_r, args.lora_alpha, 0.0)
     if args.fp8:
-        check_fp8(device, dtype)
         use_fp8(model, args.fp8_scaling)
     model.activation_checkpointing = args.activation_checkpointing
     if args.compile:
@@ -459,6 +458,11 @@ def bench_data(args: BenchConfig) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(BenchConfig, argv, __doc__)
+    if args.fp8:  # before a model is built or a corpus read
+        if args.generate:
+            raise ConfigError("--fp8 times training steps; --generate has no FP8 path: leave "
+                              "--fp8 off")
+        check_fp8(*resolve_device(args.device, "auto", local_rank()))
     if args.generate:
         args.steps, args.warmup = args.steps or 3, 1 if args.warmup < 0 else args.warmup
         result = bench_generate(args)

@@ -50,3 +50,10 @@ def test_bench_fp8_without_fp8_tensor_cores_is_one_line():
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: --fp8 needs a GPU with FP8 tensor cores (H100 or newer); the device is cpu; "
         "leave --fp8 off"], out.stderr
+
+
+def test_bench_fp8_with_generate_is_one_line_not_ignored():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu",
+                          "--preset", "tiny", "--generate", "--fp8"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: --fp8 times training steps; --generate has no FP8 path: leave --fp8 off"], out.stderr
