@@ -411,6 +411,9 @@ def started(cfg: TrainConfig):
     d = init_distributed(device)
     try:
         yield d, device, dtype
+        if d.world > 1:  # ranks leave together: one that tears gloo down while rank 0 still
+            # writes the adapter can abort ("terminate called without an active exception")
+            dist.barrier()
     finally:
         if d.world > 1:
             dist.destroy_process_group()
