@@ -127,7 +127,6 @@ def test_fp8_gemms_are_the_products_of_their_quantised_operands():
         assert ((got - exact).norm() / exact.norm()) < 0.06
 
 
-
 def test_fp8_rowwise_operands_meet_the_cuda_kernels_contract(monkeypatch):
     """Row-wise scaling runs on CUDA only; here a stand-in kernel checks what torch._scaled_mm
     demands there (a row-major left and column-major right fp8 matrix, dimensions in multiples of
@@ -163,6 +162,7 @@ def test_fp8_refuses_what_it_cannot_run(monkeypatch):
         with pytest.raises(ConfigError, match=re.escape(words)):
             fp8.check_fp8(torch.device(device), dtype)
     fp8.check_fp8(torch.device("cuda"), torch.bfloat16)  # an H100 under bf16 passes
+
 
 def test_fp8_linears_train_like_bf16_and_leave_the_weights_and_adapters_alone(tiny_ckpt):
     """use_fp8 retypes every frozen linear of the layers (heads stay), keeps the state dict, and a

@@ -103,7 +103,6 @@ def test_grad_accum_matches_bigger_batch(tmp_path, run_train):
     assert np.allclose(grad_norms(tmp_path / "accum"), grad_norms(tmp_path / "big"), rtol=1e-4)
 
 
-
 def test_padding_to_a_coarser_multiple_changes_the_shapes_not_the_training(tmp_path, run_train):
     base = ["--max_steps", "3", "--save_every", "100", "--log_every", "1"]
     run_train(tmp_path / "fine", *base)
@@ -114,6 +113,7 @@ def test_padding_to_a_coarser_multiple_changes_the_shapes_not_the_training(tmp_p
     assert all(n % 128 == 0 for r in rows[1] for n in r["batch_lengths"])
     assert [r["batch_lengths"] for r in rows[0]] != [r["batch_lengths"] for r in rows[1]]
     assert all(a["padding"] < b["padding"] for a, b in zip(*rows))
+
 
 @pytest.mark.slow
 def test_demo_run_loss_decreases(tmp_path):
